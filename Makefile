@@ -1,0 +1,34 @@
+# Two commands for a new user; each installs what it needs into .venv first.
+#   make demo   the main job
+#   make test   the test suite
+# Knobs: PYTHON (the interpreter for the venv), TORCH_SPEC (the torch to install), TORCH_CUDA_ARCH_LIST.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
+
+.PHONY: demo test bench install clean
+
+demo: $(VENV)/.built
+	$(PY) benchmarks/bench_dcn.py
+
+test: $(VENV)/.built
+	$(PY) -m pytest tests -q
+
+bench: demo
+
+install: $(VENV)/.built
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install $(TORCH_SPEC) ninja pybind11 numpy pytest pytest-benchmark pillow tqdm
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build $(VENV) aecr_ops/_C*.so *.egg-info

@@ -1,0 +1,23 @@
+"""aecr_ops: the custom operators of AECR-Net, with CPU and CUDA kernels.
+
+- :func:`deform_conv2d`, :class:`ModulatedDeformConv2d`, :class:`DCN`: modulated deformable convolution
+  (DCNv2), a drop-in for torchvision.ops.deform_conv2d and CharlesShang/DCNv2's DCN.
+- :mod:`aecr_ops.reference`: pure-PyTorch references (no compiled code needed).
+
+The ops are registered with PyTorch's dispatcher as ``torch.ops.aecr_ops.*``, with fake kernels and autograd,
+so they work with torch.compile, torch.library.opcheck, autocast and torch.use_deterministic_algorithms.
+"""
+from . import reference
+from ._checks import ArgumentError, ArgumentTypeError
+from ._extension import cuda_kernels_built, extension_loaded
+from .deform_conv import deform_conv2d
+from .modules import DCN, ModulatedDeformConv2d
+
+if extension_loaded():
+    from . import _registrations  # noqa: F401
+
+__all__ = [
+    "deform_conv2d", "ModulatedDeformConv2d", "DCN", "reference", "ArgumentError", "ArgumentTypeError",
+    "extension_loaded", "cuda_kernels_built",
+]
+__version__ = "0.1.0"

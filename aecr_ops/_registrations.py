@@ -1,0 +1,54 @@
+"""Fake (meta) kernels and autograd of the aecr ops, registered on the ops defined in csrc/ops.cpp."""
+import torch
+
+from .deform_conv import output_size
+
+
+@torch.library.register_fake("aecr_ops::deform_conv2d")
+def _deform_conv2d_fake(input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups):
+    out_h = output_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    out_w = output_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
+
+
+@torch.library.register_fake("aecr_ops::deform_conv2d_backward")
+def _deform_conv2d_backward_fake(grad_output, input, weight, offset, mask, stride, padding, dilation, groups,
+                                 offset_groups):
+    grad_mask = mask.new_empty(mask.shape) if mask is not None else input.new_empty((0,))
+    return (input.new_empty(input.shape), weight.new_empty(weight.shape), offset.new_empty(offset.shape), grad_mask,
+            weight.new_empty((weight.shape[0],)))
+
+
+def _deform_conv2d_setup_context(ctx, inputs, output):
+    input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups = inputs
+    ctx.save_for_backward(input, weight, offset, mask)
+    ctx.config = (stride, padding, dilation, groups, offset_groups)
+    ctx.has_mask = mask is not None
+    ctx.has_bias = bias is not None
+
+
+def _deform_conv2d_backward(ctx, grad_output):
+    input, weight, offset, mask = ctx.saved_tensors
+    grads = torch.ops.aecr_ops.deform_conv2d_backward(grad_output, input, weight, offset, mask, *ctx.config)
+    grad_input, grad_weight, grad_offset, grad_mask, grad_bias = grads
+    needs = ctx.needs_input_grad
+    return (
+        grad_input if needs[0] else None,
+        grad_weight if needs[1] else None,
+        grad_offset if needs[2] else None,
+        grad_mask if ctx.has_mask and needs[3] else None,
+        grad_bias if ctx.has_bias and needs[4] else None,
+        None, None, None, None, None,
+    )
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "aecr_ops.deform_conv2d does not support double backward (gradients of its gradients, e.g. "
+        "torch.autograd.grad(..., create_graph=True) followed by another backward)")
+
+
+torch.library.register_autograd(
+    "aecr_ops::deform_conv2d", _deform_conv2d_backward, setup_context=_deform_conv2d_setup_context)
+torch.library.register_autograd(
+    "aecr_ops::deform_conv2d_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)

@@ -1,0 +1,119 @@
+"""Modulated deformable convolution (DCNv2): the functional API."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from ._checks import ArgumentError, IntPair
+from ._extension import require_extension
+
+_OP = "deform_conv2d"
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
+def check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation) -> Tuple[int, int]:
+    """Checks the arguments of deform_conv2d; returns (groups, offset_groups)."""
+    _checks.tensor(input, "input", 4, _OP)
+    # Under autocast the op's autocast kernel casts the tensors to one dtype first.
+    autocast = torch.is_autocast_enabled(input.device.type)
+    if not autocast:
+        _checks.floating_dtype(input, "input", _OP)
+    _checks.tensor(offset, "offset", 4, _OP)
+    _checks.tensor(weight, "weight", 4, _OP)
+    _checks.tensor(mask, "mask", 4, _OP, optional=True)
+    _checks.tensor(bias, "bias", 1, _OP, optional=True)
+    for t, name in ((offset, "offset"), (weight, "weight"), (mask, "mask"), (bias, "bias")):
+        _checks.same_dtype_and_device(t, name, input, _OP, check_dtype=not autocast)
+
+    batch, channels, height, width = input.shape
+    out_channels, channels_per_group, kh, kw = weight.shape
+    if kh == 0 or kw == 0 or channels_per_group == 0:
+        raise ArgumentError(f"{_OP}: `weight` [C_out, C_in/groups, kh, kw] must have a non-empty kernel and "
+                            f"C_in/groups > 0, got shape {list(weight.shape)}")
+    if channels % channels_per_group != 0:
+        raise ArgumentError(f"{_OP}: `weight` has {channels_per_group} input channels per group, which does not "
+                            f"divide the {channels} channels of `input` (weight shape {list(weight.shape)})")
+    groups = channels // channels_per_group
+    if out_channels % groups != 0:
+        raise ArgumentError(f"{_OP}: {groups} weight groups (C_in / weight.shape[1]) must divide the "
+                            f"{out_channels} output channels of `weight`")
+    out_h = output_size(height, kh, stride[0], padding[0], dilation[0])
+    out_w = output_size(width, kw, stride[1], padding[1], dilation[1])
+    if out_h <= 0 or out_w <= 0:
+        raise ArgumentError(f"{_OP}: the output would be empty: `input` {height}x{width} with a {kh}x{kw} kernel, "
+                            f"stride {stride}, padding {padding}, dilation {dilation}")
+
+    taps = kh * kw
+    offset_channels = offset.shape[1]
+    if offset_channels == 0 or offset_channels % (2 * taps) != 0 or channels % (offset_channels // (2 * taps)) != 0:
+        raise ArgumentError(
+            f"{_OP}: `offset` must have 2*offset_groups*kh*kw channels with offset_groups dividing the {channels} "
+            f"input channels (kh*kw = {taps}), got shape {list(offset.shape)}")
+    offset_groups = offset_channels // (2 * taps)
+    expected = [batch, offset_channels, out_h, out_w]
+    if list(offset.shape) != expected:
+        raise ArgumentError(f"{_OP}: `offset` must have shape [B, 2*offset_groups*kh*kw, Ho, Wo] = {expected}, "
+                            f"got {list(offset.shape)}")
+    if mask is not None:
+        expected = [batch, offset_groups * taps, out_h, out_w]
+        if list(mask.shape) != expected:
+            raise ArgumentError(f"{_OP}: `mask` must have shape [B, offset_groups*kh*kw, Ho, Wo] = {expected}, "
+                                f"got {list(mask.shape)}")
+    if bias is not None and bias.shape[0] != out_channels:
+        raise ArgumentError(f"{_OP}: `bias` must have shape [{out_channels}] (C_out), got {list(bias.shape)}")
+    return groups, offset_groups
+
+
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Modulated deformable convolution (DCNv2, Zhu et al., CVPR 2019; DCNv1 without a mask).
+
+    A drop-in for :func:`torchvision.ops.deform_conv2d`: same arguments in the same order, same results.
+
+    .. math::
+        out[b,o,y,x] = bias[o] + \sum_{c \in G(o)} \sum_{i,j} W[o,c,i,j]\, m_{b,g(c),k}(y,x)\,
+        \mathrm{bilinear}(input[b,c],\ y s_h - p_h + i d_h + \Delta y,\ x s_w - p_w + j d_w + \Delta x)
+
+    Args:
+        input: ``[B, C_in, H, W]``.
+        offset: ``[B, 2*offset_groups*kh*kw, Ho, Wo]``; for offset group g and tap k = i*kw + j, channel
+            ``2*(g*kh*kw + k)`` holds the y displacement and the next one the x displacement.
+        weight: ``[C_out, C_in/groups, kh, kw]``; the weight groups are ``C_in // weight.shape[1]``.
+        bias: ``[C_out]`` or None.
+        stride, padding, dilation: an int or a pair (h, w).
+        mask: ``[B, offset_groups*kh*kw, Ho, Wo]`` modulation scalars, or None (all ones).
+
+    Returns:
+        ``[B, C_out, Ho, Wo]`` with ``Ho = (H + 2*pad_h - (dil_h*(kh-1) + 1)) // stride_h + 1`` (``Wo`` alike).
+
+    float32 and float64 on the CPU and CUDA, float16 and bfloat16 on CUDA (coordinates and sums in float32).
+    Samples outside the image read zeros; a non-finite offset samples zero.
+
+    Example::
+
+        >>> x = torch.randn(1, 8, 16, 16)
+        >>> w = torch.randn(4, 8, 3, 3)
+        >>> offset = torch.randn(1, 2 * 9, 16, 16)
+        >>> mask = torch.rand(1, 9, 16, 16)
+        >>> aecr_ops.deform_conv2d(x, offset, w, padding=1, mask=mask).shape
+        torch.Size([1, 4, 16, 16])
+    """
+    stride = _checks.pair(stride, "stride", 1, _OP)
+    padding = _checks.pair(padding, "padding", 0, _OP)
+    dilation = _checks.pair(dilation, "dilation", 1, _OP)
+    groups, offset_groups = check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding, dilation)
+    require_extension()
+    return torch.ops.aecr_ops.deform_conv2d(
+        input, weight, offset, mask, bias, list(stride), list(padding), list(dilation), groups, offset_groups)

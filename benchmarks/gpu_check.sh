@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU check (a lent H100/H200): build with the CUDA kernels, run the CUDA tests, compute-sanitizer memcheck
+# on a small case, benchmark the AECR-Net DCN shape (B16, 256->256, 64x64, 3x3) in fp32 and bf16 against
+# torchvision and cuDNN conv2d. Results: $OUT/gpu_check.json (+ logs). About 6 minutes; at most 8.
+#
+#   bash benchmarks/gpu_check.sh          (OUT defaults to ./gpu_check_out)
+# Then copy gpu_check.json to benchmarks/results/<date>-<gpu>.json and commit it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 FORCE_CUDA=1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+export CUBLAS_WORKSPACE_CONFIG=":4096:8"
+PY="${PYTHON:-python3}"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
+start=$(date +%s)
+if ! timeout 300 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  echo "BUILD FAILED after $(( $(date +%s) - start ))s"
+  exit 1
+fi
+echo "build: $(( $(date +%s) - start ))s"
+timeout 420 "$PY" benchmarks/gpu_check.py
+echo "total: $(( $(date +%s) - start ))s"

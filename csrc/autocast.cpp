@@ -1,0 +1,40 @@
+// Autocast kernels: under torch.autocast the op runs in the autocast dtype on CUDA (where fp16/bf16 kernels
+// exist) and in float32 on the CPU. float64 inputs are left alone, as for conv2d.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace aecr {
+namespace {
+
+template <c10::DispatchKey key, c10::DeviceType device>
+at::Tensor deform_conv2d_autocast(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups, int64_t offset_groups) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  const at::ScalarType dtype = device == c10::DeviceType::CUDA ? at::autocast::get_autocast_dtype(at::kCUDA) : at::kFloat;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("aecr_ops::deform_conv2d", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t)>();
+  return op.call(at::autocast::cached_cast(dtype, input, device), at::autocast::cached_cast(dtype, weight, device),
+                 at::autocast::cached_cast(dtype, offset, device), at::autocast::cached_cast(dtype, mask, device),
+                 at::autocast::cached_cast(dtype, bias, device), stride, padding, dilation, groups, offset_groups);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aecr_ops, AutocastCUDA, m) {
+  m.impl("deform_conv2d", &deform_conv2d_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>);
+}
+
+TORCH_LIBRARY_IMPL(aecr_ops, AutocastCPU, m) {
+  m.impl("deform_conv2d", &deform_conv2d_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>);
+}
+
+}  // namespace aecr

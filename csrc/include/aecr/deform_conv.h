@@ -1,0 +1,176 @@
+// Per-element bodies of modulated deformable convolution (DCNv2), shared by the CPU and CUDA drivers.
+//
+// Layouts (all row-major, contiguous):
+//   input   [B, C, H, W]
+//   offset  [B, OG * 2 * K, Ho, Wo]   per offset group and tap k: dy then dx
+//   mask    [B, OG * K, Ho, Wo]       (absent: every mask value is 1)
+//   columns [C * K, n * Ho * Wo]      row c * K + k, column b * P + pixel, for a chunk of n images
+// with K = kh * kw taps and P = Ho * Wo output pixels.
+#pragma once
+
+#include <cstdint>
+
+#include "aecr/bilinear.h"
+#include "aecr/macros.h"
+
+namespace aecr {
+
+struct DeformConvShape {
+  int64_t channels, height, width;            // input C, H, W
+  int64_t out_height, out_width;              // Ho, Wo
+  int64_t kernel_h, kernel_w;                 // kh, kw
+  int64_t stride_h, stride_w;
+  int64_t pad_h, pad_w;
+  int64_t dilation_h, dilation_w;
+  int64_t offset_groups;                      // OG, divides C
+
+  AECR_HOST_DEVICE int64_t taps() const { return kernel_h * kernel_w; }
+  AECR_HOST_DEVICE int64_t pixels() const { return out_height * out_width; }
+  AECR_HOST_DEVICE int64_t plane() const { return height * width; }
+  AECR_HOST_DEVICE int64_t channels_per_offset_group() const { return channels / offset_groups; }
+};
+
+// One sampling location: image b, offset group g, tap k, output pixel `pixel`.
+// Its bilinear point is shared by every channel of the offset group.
+struct SamplingSite {
+  int64_t b, g, k, pixel;
+};
+
+// Decomposes a flat site index over [n, OG, K, P] (P fastest, so neighbouring threads touch
+// neighbouring pixels).
+AECR_HOST_DEVICE AECR_INLINE SamplingSite site_from_index(const DeformConvShape& s, int64_t index) {
+  SamplingSite site;
+  site.pixel = index % s.pixels();
+  index /= s.pixels();
+  site.k = index % s.taps();
+  index /= s.taps();
+  site.g = index % s.offset_groups;
+  site.b = index / s.offset_groups;
+  return site;
+}
+
+// Offset of the dy value of a site within the offset tensor; dx follows one plane later.
+AECR_HOST_DEVICE AECR_INLINE int64_t offset_index(const DeformConvShape& s, const SamplingSite& t) {
+  return ((t.b * s.offset_groups + t.g) * 2 * s.taps() + 2 * t.k) * s.pixels() + t.pixel;
+}
+
+AECR_HOST_DEVICE AECR_INLINE int64_t mask_index(const DeformConvShape& s, const SamplingSite& t) {
+  return ((t.b * s.offset_groups + t.g) * s.taps() + t.k) * s.pixels() + t.pixel;
+}
+
+// Sampling position of a site in the input plane: the regular grid position plus the learned offset.
+template <typename T, typename V>
+AECR_HOST_DEVICE AECR_INLINE void sampling_position(
+    const DeformConvShape& s, const SamplingSite& t, const V* offset, T& h, T& w) {
+  const int64_t y = t.pixel / s.out_width;
+  const int64_t x = t.pixel % s.out_width;
+  const int64_t i = t.k / s.kernel_w;
+  const int64_t j = t.k % s.kernel_w;
+  const int64_t o = offset_index(s, t);
+  h = static_cast<T>(y * s.stride_h - s.pad_h + i * s.dilation_h) + static_cast<T>(offset[o]);
+  w = static_cast<T>(x * s.stride_w - s.pad_w + j * s.dilation_w) + static_cast<T>(offset[o + s.pixels()]);
+}
+
+template <typename T, typename V>
+AECR_HOST_DEVICE AECR_INLINE T site_mask(const DeformConvShape& s, const SamplingSite& t, const V* mask) {
+  return mask == nullptr ? T(1) : static_cast<T>(mask[mask_index(s, t)]);
+}
+
+template <typename T, typename V>
+AECR_HOST_DEVICE AECR_INLINE BilinearPoint<T> site_point(const DeformConvShape& s, const SamplingSite& t, const V* offset) {
+  T h, w;
+  sampling_position<T>(s, t, offset, h, w);
+  return bilinear_point<T>(h, w, s.height, s.width);
+}
+
+// Column row of channel c (absolute channel index) and tap k; column of (chunk image b, pixel).
+AECR_HOST_DEVICE AECR_INLINE int64_t column_index(
+    const DeformConvShape& s, int64_t n_images, int64_t c, int64_t k, int64_t b, int64_t pixel) {
+  return (c * s.taps() + k) * (n_images * s.pixels()) + b * s.pixels() + pixel;
+}
+
+// ---- Pieces shared by the CPU loops and the CUDA kernels --------------------------------------------
+
+// One entry of the column matrix: the masked bilinear sample of a channel plane at a site.
+template <typename T, typename V>
+AECR_HOST_DEVICE AECR_INLINE T column_value(const BilinearPoint<T>& p, T mask, const V* plane) {
+  return mask * bilinear_value<T>(p, plane);
+}
+
+// Running sums over the channels of an offset group for the offset and mask gradients of one site:
+//   value = sum_c gcol_c * sample_c,  h = sum_c gcol_c * d sample_c / dh,  w likewise.
+template <typename T>
+struct SiteGradSums {
+  T value, h, w;
+};
+
+template <typename T, typename V>
+AECR_HOST_DEVICE AECR_INLINE void accumulate_site_grad(
+    const BilinearPoint<T>& p, const V* plane, T grad_column, SiteGradSums<T>& sums) {
+  T v, gh, gw;
+  bilinear_value_and_grad<T>(p, plane, v, gh, gw);
+  sums.value += grad_column * v;
+  sums.h += grad_column * gh;
+  sums.w += grad_column * gw;
+}
+
+// grad_dy = mask * sums.h, grad_dx = mask * sums.w, grad_mask = sums.value (when there is a mask).
+template <typename T, typename V>
+AECR_HOST_DEVICE AECR_INLINE void store_site_grad(
+    const DeformConvShape& s, const SamplingSite& t, T mask, const SiteGradSums<T>& sums, V* grad_offset,
+    V* grad_mask) {
+  const int64_t o = offset_index(s, t);
+  grad_offset[o] = static_cast<V>(mask * sums.h);
+  grad_offset[o + s.pixels()] = static_cast<V>(mask * sums.w);
+  if (grad_mask != nullptr) grad_mask[mask_index(s, t)] = static_cast<V>(sums.value);
+}
+
+// ---- Whole-site bodies (one CUDA thread per site; the CPU runs the same pieces over tiles of sites) ----
+
+// columns[c, k, b, pixel] = mask * bilinear(image[c]) for every channel c of the site's offset group.
+// `image` points at image b of the chunk; offset and mask at the chunk's first image.
+template <typename T, typename V>
+AECR_HOST_DEVICE AECR_INLINE void im2col_site(
+    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, const V* image, const V* offset,
+    const V* mask, V* columns) {
+  const BilinearPoint<T> p = site_point<T>(s, t, offset);
+  const T m = site_mask<T>(s, t, mask);
+  const int64_t cpg = s.channels_per_offset_group();
+  for (int64_t c = t.g * cpg; c < (t.g + 1) * cpg; ++c) {
+    columns[column_index(s, n_images, c, t.k, t.b, t.pixel)] =
+        static_cast<V>(column_value<T>(p, m, image + c * s.plane()));
+  }
+}
+
+// Offset (dy, dx) and mask gradients of one site from the column gradient.
+template <typename T, typename V>
+AECR_HOST_DEVICE AECR_INLINE void offset_mask_grad_site(
+    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, const V* image, const V* offset,
+    const V* mask, const V* grad_columns, V* grad_offset, V* grad_mask) {
+  const BilinearPoint<T> p = site_point<T>(s, t, offset);
+  const T m = site_mask<T>(s, t, mask);
+  SiteGradSums<T> sums{T(0), T(0), T(0)};
+  const int64_t cpg = s.channels_per_offset_group();
+  for (int64_t c = t.g * cpg; c < (t.g + 1) * cpg; ++c) {
+    const T g = static_cast<T>(grad_columns[column_index(s, n_images, c, t.k, t.b, t.pixel)]);
+    accumulate_site_grad<T>(p, image + c * s.plane(), g, sums);
+  }
+  store_site_grad<T>(s, t, m, sums, grad_offset, grad_mask);
+}
+
+// Adjoint of im2col for one site: adds mask * gcol * weight into the four corners of each channel's
+// input-gradient plane. `grad_image` (accumulation type A) points at image b.
+template <typename Add, typename T, typename V, typename A>
+AECR_HOST_DEVICE AECR_INLINE void col2im_site(
+    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, const V* offset, const V* mask,
+    const V* grad_columns, A* grad_image) {
+  const BilinearPoint<T> p = site_point<T>(s, t, offset);
+  const T m = site_mask<T>(s, t, mask);
+  const int64_t cpg = s.channels_per_offset_group();
+  for (int64_t c = t.g * cpg; c < (t.g + 1) * cpg; ++c) {
+    const T g = static_cast<T>(grad_columns[column_index(s, n_images, c, t.k, t.b, t.pixel)]);
+    bilinear_scatter<Add, T>(p, grad_image + c * s.plane(), m * g);
+  }
+}
+
+}  // namespace aecr

@@ -1,0 +1,27 @@
+// The one definition site of every aecr_ops operator. Kernels register per device in cpu/ and cuda/;
+// fake kernels and autograd are registered from Python (aecr_ops/_registrations.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import aecr_ops._C` loads this library, which runs the registrations below. The module itself is empty:
+// every entry point goes through the dispatcher (torch.ops.aecr_ops.*).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(aecr_ops, m) {
+  // Modulated deformable convolution (DCNv2). offset: [B, 2*offset_groups*kh*kw, Ho, Wo] (dy, dx per tap);
+  // mask: [B, offset_groups*kh*kw, Ho, Wo] or None (DCNv1).
+  m.def(
+      "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int offset_groups) -> Tensor");
+  // Gradients of deform_conv2d with respect to (input, weight, offset, mask, bias). Without a mask the mask
+  // gradient is an empty tensor.
+  m.def(
+      "deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, Tensor? mask, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, int offset_groups) -> "
+      "(Tensor grad_input, Tensor grad_weight, Tensor grad_offset, Tensor grad_mask, Tensor grad_bias)");
+}

@@ -1,0 +1,29 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# cuBLAS is deterministic only with a fixed workspace; set before CUDA starts (deterministic-mode tests).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import aecr_ops  # noqa: E402
+
+if not aecr_ops.extension_loaded():
+    raise RuntimeError("the compiled kernels are not built: run `pip install --no-build-isolation -e .` first")
+
+HAS_CUDA = torch.cuda.is_available() and aecr_ops.cuda_kernels_built()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and the CUDA kernels")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,157 @@
+"""Layers 4 and 6 on CUDA: CPU against CUDA, low precision against the reference, determinism, big tensors.
+
+Every test here is marked `cuda` and skips without a GPU (and without the CUDA kernels).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aecr_ops
+from aecr_ops import reference
+from dcn_cases import NAMED_CASES, Case, random_cases
+
+pytestmark = pytest.mark.cuda
+
+
+def grads(fn, tensors, seed=11):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    r = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    params = [t for t in leaves if t is not None]
+    gs = torch.autograd.grad((out * r.to(out)).sum(), params)
+    return [out.detach()] + list(gs)
+
+
+def ours(case):
+    return lambda x, o, w, b, m: aecr_ops.deform_conv2d(x, o, w, b, mask=m, **case.kwargs())
+
+
+def ref(case):
+    return lambda x, o, w, b, m: reference.deform_conv2d(x, o, w, b, mask=m, **case.kwargs())
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("index,case", list(enumerate(random_cases(20, seed=99))))
+def test_cuda_matches_cpu_float64(index, case, deterministic):
+    cpu = case.tensors(seed=index)
+    gpu = [t.cuda() if t is not None else None for t in cpu]
+    expected = grads(ours(case), cpu)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        got = grads(ours(case), gpu)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_CASES))
+def test_cuda_float32_against_float64_reference(name):
+    case = NAMED_CASES[name]
+    cpu = case.tensors(seed=1)
+    expected = grads(ref(case), cpu)
+    got = grads(ours(case), [t.cuda().float() if t is not None else None for t in cpu])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.cpu().double(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["3x3_pad1_mask", "both_groups", "stride2", "huge_offsets"])
+def test_low_precision_error_is_a_small_multiple_of_the_reference_in_that_precision(dtype, name):
+    case = Case(**{**NAMED_CASES[name].__dict__, "in_channels": NAMED_CASES[name].in_channels * 8,
+                   "size": (16, 16)})
+    low = [t.cuda().to(dtype) if t is not None else None for t in case.tensors(seed=2)]
+    exact_inputs = [t.double() if t is not None else None for t in low]  # the same (rounded) values in float64
+    exact = grads(ref(case), exact_inputs)
+    got = grads(ours(case), low)
+    ref_low = grads(ref(case), low)
+    for name_, a, r, e in zip(["out", "input", "offset", "weight", "bias", "mask"], got, ref_low, exact):
+        assert a.dtype == dtype
+        err = (a.double() - e).abs().max().item()
+        ref_err = (r.double() - e).abs().max().item()
+        scale = e.abs().max().item() + 1e-12
+        assert err <= 2.0 * ref_err + 1e-3 * scale, f"{name_}: error {err} vs reference in {dtype} {ref_err}"
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    case = Case(4, 32, 16, (24, 24), (3, 3), (1, 1), (1, 1), (1, 1), 1, 2, True, True, offset_scale=3.0)
+    tensors = [t.cuda().float() if t is not None else None for t in case.tensors(seed=4)]
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = grads(ours(case), tensors)
+        for _ in range(3):
+            again = grads(ours(case), tensors)
+            for a, b in zip(first, again):
+                assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    default = grads(ours(case), tensors)
+    for a, b in zip(first, default):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_bfloat16_dcn_layer():
+    layer = aecr_ops.DCN(16, 16, 3, 1, 1).cuda()
+    with torch.no_grad():
+        layer.conv_offset_mask.weight.normal_(0, 0.05)
+    x = torch.randn(2, 16, 20, 20, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+    torch.testing.assert_close(y.float(), layer(x), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_opcheck_cuda(dtype):
+    case = NAMED_CASES["both_groups"]
+    x, o, w, b, m = [t.cuda().to(dtype).requires_grad_(True) if t is not None else None
+                     for t in case.tensors(seed=6)]
+    args = (x, w, o, m, b, list(case.stride), list(case.padding), list(case.dilation), 2, case.offset_groups)
+    torch.library.opcheck(torch.ops.aecr_ops.deform_conv2d.default, args)
+
+
+def test_batch_zero_and_non_contiguous_cuda():
+    x = torch.randn(0, 4, 8, 8, device="cuda")
+    out = aecr_ops.deform_conv2d(x, torch.randn(0, 18, 8, 8, device="cuda"), torch.randn(3, 4, 3, 3, device="cuda"),
+                                 padding=1)
+    assert out.shape == (0, 3, 8, 8)
+    case = NAMED_CASES["weight_groups"]
+    x, o, w, b, m = [t.cuda() for t in case.tensors()]
+    expected = aecr_ops.deform_conv2d(x, o, w, b, mask=m, **case.kwargs())
+    got = aecr_ops.deform_conv2d(x.to(memory_format=torch.channels_last), o.transpose(2, 3).contiguous().transpose(2, 3),
+                                 w, b, mask=m, **case.kwargs())
+    torch.testing.assert_close(got, expected)
+
+
+def test_non_finite_offsets_cuda():
+    case = NAMED_CASES["3x3_pad1_mask"]
+    x, o, w, b, m = case.tensors()
+    o[0, 0, 0, 0], o[1, 3, 2, 2], o[0, 5, 1, 1] = float("nan"), float("inf"), -1e30
+    expected = grads(ref(case), [x, o, w, b, m])
+    got = grads(ours(case), [t.cuda() for t in (x, o, w, b, m)])
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.cpu(), e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_more_than_2_to_the_31_column_elements():
+    # One image whose column buffer has 64 * 9 * 2048 * 2048 = 2.4e9 > 2^31 elements: 64-bit indexing.
+    # An offset of +1 row everywhere with a unit mask equals conv2d with 0 rows of padding above and 2 below.
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    x = torch.randn(1, 64, 2048, 2048, device="cuda")
+    w = torch.randn(4, 64, 3, 3, device="cuda") / 24
+    offset = torch.zeros(1, 18, 2048, 2048, device="cuda")
+    offset[:, 0::2] = 1.0
+    got = aecr_ops.deform_conv2d(x, offset, w, padding=1)
+    expected = F.conv2d(F.pad(x, (1, 1, 0, 2)), w)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    del got, expected
+    xg = x.clone().requires_grad_(True)
+    aecr_ops.deform_conv2d(xg, offset, w, padding=1).sum().backward()
+    xc = x.clone().requires_grad_(True)
+    F.conv2d(F.pad(xc, (1, 1, 0, 2)), w).sum().backward()
+    torch.testing.assert_close(xg.grad, xc.grad, rtol=1e-3, atol=1e-3)

@@ -2,6 +2,8 @@
 
 - :func:`deform_conv2d`, :class:`ModulatedDeformConv2d`, :class:`DCN`: modulated deformable convolution
   (DCNv2), a drop-in for torchvision.ops.deform_conv2d and CharlesShang/DCNv2's DCN.
+- :class:`FastDeconv`, :func:`patch_statistics`, :func:`isqrt_newton_schulz`: network deconvolution
+  (FastDeconv whitening), exact to the original layer of yechengxi/deconvolution.
 - :mod:`aecr_ops.reference`: pure-PyTorch references (no compiled code needed).
 
 The ops are registered with PyTorch's dispatcher as ``torch.ops.aecr_ops.*``, with fake kernels and autograd,
@@ -11,13 +13,15 @@ from . import reference
 from ._checks import ArgumentError, ArgumentTypeError
 from ._extension import cuda_kernels_built, extension_loaded
 from .deform_conv import deform_conv2d
+from .fastdeconv import FastDeconv, isqrt_newton_schulz, patch_statistics
 from .modules import DCN, ModulatedDeformConv2d
 
 if extension_loaded():
     from . import _registrations  # noqa: F401
 
 __all__ = [
-    "deform_conv2d", "ModulatedDeformConv2d", "DCN", "reference", "ArgumentError", "ArgumentTypeError",
+    "deform_conv2d", "ModulatedDeformConv2d", "DCN", "FastDeconv", "patch_statistics", "isqrt_newton_schulz",
+    "reference", "ArgumentError", "ArgumentTypeError",
     "extension_loaded", "cuda_kernels_built",
 ]
 __version__ = "0.1.0"

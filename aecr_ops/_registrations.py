@@ -52,3 +52,74 @@ torch.library.register_autograd(
     "aecr_ops::deform_conv2d", _deform_conv2d_backward, setup_context=_deform_conv2d_setup_context)
 torch.library.register_autograd(
     "aecr_ops::deform_conv2d_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ---- FastDeconv ops --------------------------------------------------------------------------------------------
+
+@torch.library.register_fake("aecr_ops::patch_statistics")
+def _patch_statistics_fake(input, kernel_size, dilation, padding, sampling_stride, block, groups, eps):
+    features = kernel_size[0] * kernel_size[1] * block
+    return input.new_empty((groups, features)), input.new_empty((groups, features, features))
+
+
+@torch.library.register_fake("aecr_ops::patch_statistics_backward")
+def _patch_statistics_backward_fake(grad_mean, grad_cov, input, mean, kernel_size, dilation, padding,
+                                    sampling_stride, block, groups):
+    return input.new_empty(input.shape)
+
+
+def _patch_statistics_setup_context(ctx, inputs, output):
+    input, kernel_size, dilation, padding, sampling_stride, block, groups, eps = inputs
+    ctx.save_for_backward(input, output[0])
+    ctx.config = (kernel_size, dilation, padding, sampling_stride, block, groups)
+
+
+def _patch_statistics_backward(ctx, grad_mean, grad_cov):
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 8
+    input, mean = ctx.saved_tensors
+    grad_input = torch.ops.aecr_ops.patch_statistics_backward(grad_mean, grad_cov, input, mean, *ctx.config)
+    return (grad_input,) + (None,) * 7
+
+
+# Matrices up to this size run the iteration in matrix form (kNsFusedMaxFeatures in newton_schulz.h); larger
+# ones in spectral form, which returns their eigenbasis for the backward.
+NS_FUSED_MAX_FEATURES = 48
+
+
+@torch.library.register_fake("aecr_ops::isqrt_newton_schulz")
+def _isqrt_fake(a, n_iter):
+    batch, f = a.shape[0], a.shape[-1]
+    saved = a.new_empty((batch, f + 1, f)) if f > NS_FUSED_MAX_FEATURES else a.new_empty((0,))
+    return a.new_empty(a.shape), saved
+
+
+@torch.library.register_fake("aecr_ops::isqrt_newton_schulz_backward")
+def _isqrt_backward_fake(grad, a, result, saved, n_iter):
+    return a.new_empty(a.shape)
+
+
+def _isqrt_setup_context(ctx, inputs, output):
+    a, n_iter = inputs
+    ctx.save_for_backward(a, *output)
+    ctx.n_iter = n_iter
+
+
+def _isqrt_backward(ctx, grad, grad_saved):
+    a, result, saved = ctx.saved_tensors
+    return torch.ops.aecr_ops.isqrt_newton_schulz_backward(grad, a, result, saved, ctx.n_iter), None
+
+
+def _no_double_backward_of(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"aecr_ops.{name} does not support double backward (gradients of its gradients)")
+    return backward
+
+
+torch.library.register_autograd("aecr_ops::patch_statistics", _patch_statistics_backward,
+                                setup_context=_patch_statistics_setup_context)
+torch.library.register_autograd("aecr_ops::isqrt_newton_schulz", _isqrt_backward, setup_context=_isqrt_setup_context)
+for _name, _op in (("patch_statistics", "patch_statistics_backward"),
+                   ("isqrt_newton_schulz", "isqrt_newton_schulz_backward")):
+    torch.library.register_autograd(f"aecr_ops::{_op}", _no_double_backward_of(_name),
+                                    setup_context=lambda ctx, inputs, output: None)

@@ -82,9 +82,19 @@ def main():
         else:
             result["benchmarks"].append({"dtype": dtype, "exit_code": rc, "tail": tail[-600:]})
 
+    path = os.path.join(OUT, "bench_fastdeconv.json")
+    rc, secs, tail = run("bench_fastdeconv", [sys.executable, "benchmarks/bench_fastdeconv.py", "--device", "cuda",
+                                              "--warmup", "3", "--repeat", "20", "--json", path], timeout=120)
+    print(tail[-1200:], flush=True)
+    if rc == 0 and os.path.exists(path):
+        with open(path) as f:
+            result["fastdeconv"] = json.load(f)["results"]
+    else:
+        result["fastdeconv"] = {"exit_code": rc, "tail": tail[-600:]}
+
     with open(os.path.join(OUT, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps({k: v for k, v in result.items() if k != "benchmarks"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("benchmarks", "fastdeconv")}, indent=1))
 
 
 if __name__ == "__main__":

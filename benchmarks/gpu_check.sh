@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (a lent H100/H200): build with the CUDA kernels, run the CUDA tests, compute-sanitizer memcheck
-# on a small case, benchmark the AECR-Net DCN shape (B16, 256->256, 64x64, 3x3) in fp32 and bf16 against
-# torchvision and cuDNN conv2d. Results: $OUT/gpu_check.json (+ logs). About 6 minutes; at most 8.
+# on a small case of every kernel, benchmark the AECR-Net DCN shape (B16, 256->256, 64x64, 3x3) in fp32 and bf16
+# against torchvision and cuDNN conv2d, and a FastDeconv training step against the original algorithm.
+# Results: $OUT/gpu_check.json (+ logs). About 6 minutes; at most 8.
 #
 #   bash benchmarks/gpu_check.sh          (OUT defaults to ./gpu_check_out)
 # Then copy gpu_check.json to benchmarks/results/<date>-<gpu>.json and commit it.

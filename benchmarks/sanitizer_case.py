@@ -1,7 +1,9 @@
-"""A small deform_conv2d workload for `compute-sanitizer --tool memcheck` (run by gpu_check.py).
+"""A small workload for `compute-sanitizer --tool memcheck` (run by gpu_check.py) that runs every CUDA kernel.
 
-Covers every CUDA kernel: forward, backward with atomics and the deterministic backward, fp32 and bf16, weight
-and offset groups, with and without a mask, and offsets that are huge, non-finite or far outside the image.
+deform_conv2d: forward, backward with atomics and the deterministic backward, fp32 and bf16, weight and offset
+groups, with and without a mask, offsets that are huge, non-finite or far outside the image. FastDeconv: patch
+statistics and their backward (unfold and 1x1 modes, interleaved blocks, groups), Newton-Schulz in matrix and
+spectral form with their backward.
 """
 import torch
 
@@ -28,9 +30,24 @@ def run(dtype, deterministic, use_mask):
     torch.cuda.synchronize()
 
 
+def run_fastdeconv():
+    for kernel, channels, block, groups in ((3, 3, 3, 1), (3, 12, 4, 1), (1, 8, 4, 1), (3, 8, 4, 2)):
+        x = torch.randn(2, channels, 11, 13, device="cuda", dtype=torch.float64, requires_grad=True)
+        mean, cov = aecr_ops.patch_statistics(x, kernel, 1, kernel // 2, 3, block, groups, 1e-5)
+        deconv = aecr_ops.isqrt_newton_schulz(cov, 5)
+        (mean.sum() + deconv.sum()).backward()
+    a = torch.randn(2, 60, 90, device="cuda")
+    a = (a @ a.transpose(1, 2) / 90).requires_grad_(True)
+    aecr_ops.isqrt_newton_schulz(a, 5).sum().backward()
+    layer = aecr_ops.FastDeconv(3, 3, 3, padding=1).cuda()
+    layer(torch.rand(2, 3, 32, 32, device="cuda")).sum().backward()
+    torch.cuda.synchronize()
+
+
 if __name__ == "__main__":
     for dtype in (torch.float32, torch.bfloat16):
         for deterministic in (False, True):
             for use_mask in (True, False):
                 run(dtype, deterministic, use_mask)
+    run_fastdeconv()
     print("sanitizer case done")

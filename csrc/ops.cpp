@@ -24,4 +24,17 @@ TORCH_LIBRARY(aecr_ops, m) {
       "deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, Tensor? mask, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, int offset_groups) -> "
       "(Tensor grad_input, Tensor grad_weight, Tensor grad_offset, Tensor grad_mask, Tensor grad_bias)");
+
+  // FastDeconv: mean [groups, F] and covariance + eps*I [groups, F, F] of the input's k x k patches taken every
+  // `sampling_stride` pixels (F = kh*kw*block; see csrc/include/aecr/patch_stats.h for the column grouping).
+  m.def(
+      "patch_statistics(Tensor input, int[2] kernel_size, int[2] dilation, int[2] padding, int sampling_stride, "
+      "int block, int groups, float eps) -> (Tensor mean, Tensor cov)");
+  m.def(
+      "patch_statistics_backward(Tensor grad_mean, Tensor grad_cov, Tensor input, Tensor mean, int[2] kernel_size, "
+      "int[2] dilation, int[2] padding, int sampling_stride, int block, int groups) -> Tensor");
+  // Coupled Newton-Schulz inverse square root of a batch of matrices a [B, F, F], n_iter iterations. `saved`
+  // is what the backward needs besides a and result ([B, F+1, F] for F > 48: the eigenbasis; else empty).
+  m.def("isqrt_newton_schulz(Tensor a, int n_iter) -> (Tensor result, Tensor saved)");
+  m.def("isqrt_newton_schulz_backward(Tensor grad, Tensor a, Tensor result, Tensor saved, int n_iter) -> Tensor");
 }

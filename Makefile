@@ -11,19 +11,21 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f)
 .PHONY: demo test bench install clean
 
 demo: $(VENV)/.built
-	$(PY) benchmarks/bench_dcn.py
+	$(PY) -m aecr_model demo --out demo_out
 
 test: $(VENV)/.built
 	$(PY) -m pytest tests -q
 
-bench: demo
+bench: $(VENV)/.built
+	$(PY) benchmarks/bench_dcn.py
+	$(PY) benchmarks/bench_fastdeconv.py
 
 install: $(VENV)/.built
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
-	$(PY) -m pip install $(TORCH_SPEC) ninja pybind11 numpy pytest pytest-benchmark pillow tqdm
+	$(PY) -m pip install $(TORCH_SPEC) ninja pybind11 numpy pytest pytest-benchmark pillow tqdm h5py
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

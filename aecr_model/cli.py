@@ -1,0 +1,154 @@
+"""The `aecr-net` command line (also `python -m aecr_model`): train, evaluate, dehaze, demo."""
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+import torch
+
+
+def _device(value: str) -> str:
+    if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
+        raise argparse.ArgumentTypeError(f"device must be cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aecr-net", description="AECR-Net single-image dehazing: train, "
+                                     "evaluate and dehaze, on the CPU or CUDA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train AECR-Net (writes OUT/last.pt, OUT/best.pt, OUT/train.log)",
+                       description="Train AECR-Net on a paired hazy/clear folder (RESIDE, NH-HAZE/Dense-Haze or "
+                       "h5 layout). Several GPUs: torchrun --nproc_per_node N -m aecr_model train ...")
+    t.add_argument("--data", required=True, help="training folder")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--steps", required=True, type=_positive_int, help="total steps (a resumed run stops there)")
+    t.add_argument("--batch-size", type=_positive_int, default=16)
+    t.add_argument("--crop", type=_positive_int, default=240, help="random square crop size (multiple of 4)")
+    t.add_argument("--lr", type=float, default=2e-4, help="initial learning rate, cosine-decayed per step to 0")
+    t.add_argument("--device", type=_device, default="cpu")
+    t.add_argument("--cr-weight", type=float, default=0.1, help="weight of the contrastive regularisation (0: off)")
+    t.add_argument("--vgg-weights", default=None,
+                   help="VGG19 ImageNet weights for CR: a file, or 'random' (default: torchvision's cache)")
+    t.add_argument("--negatives", type=_positive_int, default=1, help="negatives per anchor for CR")
+    t.add_argument("--cr-ablation", action="store_true", help="positive-only perceptual loss instead of CR")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", default=None, help="checkpoint to continue from (last.pt)")
+    t.add_argument("--val-data", default=None, help="validation folder for --eval-every")
+    t.add_argument("--eval-every", type=int, default=0, help="evaluate (and save) every N steps")
+    t.add_argument("--save-every", type=int, default=0, help="save last.pt every N steps")
+    t.add_argument("--log-every", type=_positive_int, default=10)
+    t.add_argument("--stop-after", type=_positive_int, default=None,
+                   help="stop (and save) after this many steps of this run, as if interrupted")
+    t.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    t.add_argument("--unshared", action="store_true", help="six FA blocks and two DCNs of their own (9.29M params)")
+    t.add_argument("--cache-images", action="store_true", help="keep decoded training images in memory")
+    t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("evaluate", help="PSNR and SSIM of a checkpoint (or a baseline) on a paired folder")
+    e.add_argument("--data", required=True)
+    e.add_argument("--checkpoint", default=None)
+    e.add_argument("--method", choices=("model", "dcp", "hazy"), default="model",
+                   help="model: the checkpoint; dcp: the Dark Channel Prior; hazy: the input unchanged")
+    e.add_argument("--device", type=_device, default="cpu")
+    e.add_argument("--json", default=None, help="write {psnr, ssim, n} here")
+    e.add_argument("--no-progress", action="store_true")
+
+    d = sub.add_parser("dehaze", help="dehaze image files (or folders) into OUT/<name>.png")
+    d.add_argument("inputs", nargs="+", metavar="INPUT")
+    d.add_argument("--checkpoint", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--device", type=_device, default="cpu")
+    d.add_argument("--no-progress", action="store_true")
+
+    m = sub.add_parser("demo", help="the offline CPU demo: synthetic data, brief training, evaluation, pictures")
+    m.add_argument("--out", default="demo_out")
+    m.add_argument("--steps", type=_positive_int, default=800)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .losses import VGGWeightsError
+    from .train import NonFiniteLoss
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (DataError, CheckpointError, VGGWeightsError, NonFiniteLoss, ValueError) as error:
+        print(f"aecr-net {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"aecr-net {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    if args.command == "train":
+        from .train import TrainConfig, train
+        _check_device(args.device)
+        config = TrainConfig(
+            data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+            device=args.device, cr_weight=args.cr_weight, vgg_weights=args.vgg_weights,
+            num_negatives=args.negatives, cr_ablation=args.cr_ablation, seed=args.seed, resume=args.resume,
+            val_data=args.val_data, eval_every=args.eval_every, save_every=args.save_every,
+            log_every=args.log_every, stop_after=args.stop_after, workers=args.workers, precision=args.precision,
+            share_weights=not args.unshared, cache_images=args.cache_images, progress=not args.no_progress)
+        train(config)
+        return 0
+    if args.command == "evaluate":
+        from .checkpoint import load_checkpoint
+        from .data import PairedImages
+        from .evaluate import evaluate, method_fn
+        _check_device(args.device)
+        model = None
+        if args.method == "model":
+            if args.checkpoint is None:
+                raise ValueError("--checkpoint is needed (or --method dcp / --method hazy)")
+            model = load_checkpoint(args.checkpoint, map_location=args.device)
+        autocast = torch.bfloat16 if args.device.startswith("cuda") else None
+        scores = evaluate(method_fn(args.method, model, autocast), PairedImages(args.data), args.device,
+                          progress=not args.no_progress)
+        label = args.checkpoint if args.method == "model" else args.method
+        print(f"{label} on {args.data}: PSNR {scores['psnr']:.3f} dB, SSIM {scores['ssim']:.4f} ({scores['n']} images)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({**scores, "method": args.method, "checkpoint": args.checkpoint, "data": args.data}, f,
+                          indent=2)
+        return 0
+    if args.command == "dehaze":
+        from .checkpoint import load_checkpoint
+        from .inference import dehaze_files
+        _check_device(args.device)
+        model = load_checkpoint(args.checkpoint, map_location=args.device)
+        autocast = torch.bfloat16 if args.device.startswith("cuda") else None
+        written = dehaze_files(model, args.inputs, args.out, args.device, autocast, progress=not args.no_progress)
+        print(f"wrote {len(written)} image(s) to {args.out}")
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+        run_demo(args.out, steps=args.steps, seed=args.seed, progress=not args.no_progress)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Dehazing images of any size with a trained AECRNet."""
+import os
+from typing import Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import IMAGE_EXTENSIONS, DataError, load_image, save_image
+
+
+def pad_to_multiple(x: Tensor, multiple: int = 4) -> Tensor:
+    """Pads [B, C, H, W] at the bottom and right to multiples of `multiple` (reflection; replication where the
+    image is too small to reflect)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if h > ph and w > pw else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+@torch.no_grad()
+def dehaze_tensor(model: nn.Module, hazy: Tensor, autocast_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Dehazes [B, 3, H, W] (any H, W) in [0, 1]; returns [B, 3, H, W] clamped to [0, 1]."""
+    h, w = hazy.shape[-2:]
+    x = pad_to_multiple(hazy)
+    if autocast_dtype is not None:
+        with torch.autocast(x.device.type, dtype=autocast_dtype):
+            out = model(x)
+    else:
+        out = model(x)
+    return out[..., :h, :w].float().clamp(0, 1)
+
+
+def expand_inputs(inputs: Iterable[str]) -> List[str]:
+    """Image files named directly or found (sorted) in the folders named."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                           if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise DataError(f"no images in folder {item}")
+            files += found
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise DataError(f"input not found: {item}")
+    return files
+
+
+def dehaze_files(model: nn.Module, inputs: Iterable[str], out_dir: str, device: str = "cpu",
+                 autocast_dtype: Optional[torch.dtype] = None, progress: bool = False) -> List[str]:
+    """Dehazes image files (or folders of them) into out_dir/<input name>.png; returns the paths written."""
+    files = expand_inputs(inputs)
+    names = [os.path.splitext(os.path.basename(f))[0] + ".png" for f in files]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise DataError(f"several inputs would be written to the same file: {sorted(duplicates)[:4]}")
+    model = model.to(device).eval()
+    written = []
+    iterator = files
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(files, desc="dehaze", unit="image")
+    for path, name in zip(iterator, names):
+        out = dehaze_tensor(model, load_image(path)[None].to(device), autocast_dtype)
+        target = os.path.join(out_dir, name)
+        save_image(out[0].cpu(), target)
+        written.append(target)
+    return written

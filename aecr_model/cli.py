@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model: the checkpoint; dcp: the Dark Channel Prior; hazy: the input unchanged")
     e.add_argument("--device", type=_device, default="cpu")
     e.add_argument("--json", default=None, help="write {psnr, ssim, n} here")
+    e.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA")
     e.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("dehaze", help="dehaze image files (or folders) into OUT/<name>.png")
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint", required=True)
     d.add_argument("--out", required=True)
     d.add_argument("--device", type=_device, default="cpu")
+    d.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA")
     d.add_argument("--no-progress", action="store_true")
 
     m = sub.add_parser("demo", help="the offline CPU demo: synthetic data, brief training, evaluation, pictures")
@@ -124,7 +126,7 @@ def _run(args) -> int:
             if args.checkpoint is None:
                 raise ValueError("--checkpoint is needed (or --method dcp / --method hazy)")
             model = load_checkpoint(args.checkpoint, map_location=args.device)
-        autocast = torch.bfloat16 if args.device.startswith("cuda") else None
+        autocast = torch.bfloat16 if args.precision == "bf16" else None
         scores = evaluate(method_fn(args.method, model, autocast), PairedImages(args.data), args.device,
                           progress=not args.no_progress)
         label = args.checkpoint if args.method == "model" else args.method
@@ -139,7 +141,7 @@ def _run(args) -> int:
         from .inference import dehaze_files
         _check_device(args.device)
         model = load_checkpoint(args.checkpoint, map_location=args.device)
-        autocast = torch.bfloat16 if args.device.startswith("cuda") else None
+        autocast = torch.bfloat16 if args.precision == "bf16" else None
         written = dehaze_files(model, args.inputs, args.out, args.device, autocast, progress=not args.no_progress)
         print(f"wrote {len(written)} image(s) to {args.out}")
         return 0

@@ -85,33 +85,35 @@ def write_comparison(model, test: PairedImages, path: str, count: int = 4) -> No
 
 
 def write_loss_curve(losses: List[float], path: str, size=(640, 360)) -> None:
-    """The training loss per step (and its running mean) drawn with Pillow."""
+    """The training loss per step (light) and its running mean (dark), on a log scale, drawn with Pillow."""
+    import math
     from PIL import Image, ImageDraw
     w, h = size
-    left, right, top, bottom = 60, 20, 20, 40
+    left, right, top, bottom = 60, 20, 24, 40
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    if losses:
+    values = [v for v in losses if v > 0 and math.isfinite(v)]
+    if values:
         smooth, acc = [], 0.0
-        for i, v in enumerate(losses):
-            acc = v if i == 0 else 0.95 * acc + 0.05 * v
-            smooth.append(acc)
-        lo, hi = min(losses), max(losses)
+        for i, v in enumerate(values):
+            acc = 0.95 * acc + 0.05 * v
+            smooth.append(acc / (1 - 0.95 ** (i + 1)))  # bias-corrected, so it starts at the first value
+        lo, hi = math.log10(min(values)), math.log10(max(values))
         span = hi - lo or 1.0
 
         def point(i, v):
-            x = left + (w - left - right) * (i / max(1, len(losses) - 1))
-            y = top + (h - top - bottom) * (1 - (v - lo) / span)
+            x = left + (w - left - right) * (i / max(1, len(values) - 1))
+            y = top + (h - top - bottom) * (1 - (math.log10(v) - lo) / span)
             return x, y
 
-        draw.line([point(i, v) for i, v in enumerate(losses)], fill=(170, 190, 230), width=1)
+        draw.line([point(i, v) for i, v in enumerate(values)], fill=(170, 190, 230), width=1)
         draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 180), width=2)
-        draw.text((5, top), f"{hi:.3f}", fill="black")
-        draw.text((5, h - bottom - 10), f"{lo:.3f}", fill="black")
+        draw.text((5, top), f"{10 ** hi:.3f}", fill="black")
+        draw.text((5, h - bottom - 10), f"{10 ** lo:.3f}", fill="black")
         draw.text((left, h - bottom + 8), "step 1", fill="black")
-        draw.text((w - right - 60, h - bottom + 8), f"step {len(losses)}", fill="black")
-    draw.text((left + 10, top + 5), "training loss (L1), running mean in dark blue", fill="black")
+        draw.text((w - right - 60, h - bottom + 8), f"step {len(values)}", fill="black")
+    draw.text((left + 10, 6), "training loss (L1, log scale); running mean in dark blue", fill="black")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     img.save(path)

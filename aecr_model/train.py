@@ -236,7 +236,7 @@ def train(config: TrainConfig, echo=print) -> Dict[str, Any]:
     def run_eval() -> None:
         if dist.main:
             model.eval()
-            scores = evaluate(method_fn("model", model, autocast_dtype), val_images, device)
+            scores = evaluate(method_fn("model", model), val_images, device)  # in fp32, as the paper measures
             model.train()
             state["evals"].append({"step": state["step"], **scores})
             improved = state["best_psnr"] is None or scores["psnr"] > state["best_psnr"]

@@ -103,3 +103,22 @@ def test_contrastive_regularisation_in_training(data, tmp_path):
     summary = train(config(data, tmp_path, steps=2, cr_weight=0.1, vgg_weights="random"), echo=quiet)
     assert summary["step"] == 2
     assert "cr 0.0000" not in (tmp_path / "train.log").read_text().split("step 1/2")[1].split("\n")[0]
+
+
+@pytest.mark.cuda
+def test_training_on_cuda_with_bf16_autocast(data, tmp_path):
+    summary = train(config(data, tmp_path, steps=3, device="cuda", cr_weight=0.1, vgg_weights="random"), echo=quiet)
+    assert summary["step"] == 3 and all(torch.isfinite(torch.tensor(summary["losses"])))
+    assert "bf16 autocast" in (tmp_path / "train.log").read_text()
+
+
+@pytest.mark.cuda
+def test_cuda_and_cpu_models_agree_in_fp32(tmp_path):
+    from aecr_model import AECRNet
+    torch.manual_seed(0)
+    model = AECRNet().eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        got = model.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)

@@ -117,17 +117,20 @@ def main():
 
     sources = ["csrc/ops.cpp", "csrc/autocast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3"]
+    # at::parallel_for only runs in parallel when the extension itself is compiled with OpenMP (it links the
+    # libgomp that torch already loaded: one runtime).
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         # Toolkits without the cuBLAS/cuSPARSE headers: those of the pip CUDA packages, when present.
         for pip_cuda in glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include")):
             include_dirs.append(os.path.abspath(pip_cuda))
         extension = CUDAExtension(
-            "aecr_ops._C", sources, include_dirs=include_dirs,
+            "aecr_ops._C", sources, include_dirs=include_dirs, extra_link_args=link_flags,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]})
     else:
-        extension = CppExtension("aecr_ops._C", sources, include_dirs=include_dirs,
+        extension = CppExtension("aecr_ops._C", sources, include_dirs=include_dirs, extra_link_args=link_flags,
                                  extra_compile_args={"cxx": cxx_flags})
 
     print("aecr build configuration:")

@@ -92,9 +92,20 @@ def main():
     else:
         result["fastdeconv"] = {"exit_code": rc, "tail": tail[-600:]}
 
+    path = os.path.join(OUT, "bench_model.json")
+    rc, secs, tail = run("bench_model", [sys.executable, "benchmarks/bench_model.py", "--device", "cuda",
+                                         "--warmup", "2", "--repeat", "10", "--inference-repeat", "5", "--json", path],
+                         timeout=150)
+    print(tail[-1200:], flush=True)
+    if rc == 0 and os.path.exists(path):
+        with open(path) as f:
+            result["model"] = json.load(f)
+    else:
+        result["model"] = {"exit_code": rc, "tail": tail[-600:]}
+
     with open(os.path.join(OUT, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("benchmarks", "fastdeconv")}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("benchmarks", "fastdeconv", "model")}, indent=1))
 
 
 if __name__ == "__main__":

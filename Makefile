@@ -25,7 +25,7 @@ install: $(VENV)/.built
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
-	$(PY) -m pip install $(TORCH_SPEC) ninja pybind11 numpy pytest pytest-benchmark pillow tqdm h5py
+	$(PY) -m pip install $(TORCH_SPEC) ninja pybind11 numpy pytest pytest-benchmark pillow tqdm h5py onnx onnxscript onnxruntime
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

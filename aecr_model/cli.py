@@ -67,11 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("dehaze", help="dehaze image files (or folders) into OUT/<name>.png")
     d.add_argument("inputs", nargs="+", metavar="INPUT")
-    d.add_argument("--checkpoint", required=True)
+    d.add_argument("--checkpoint", default=None, help="an AECR-Net checkpoint (or give --onnx)")
+    d.add_argument("--onnx", default=None, help="an exported model.onnx, run by ONNX Runtime on the CPU")
     d.add_argument("--out", required=True)
     d.add_argument("--device", type=_device, default="cpu")
     d.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA")
     d.add_argument("--no-progress", action="store_true")
+
+    x = sub.add_parser("export", help="export a checkpoint to ONNX (DeformConv, opset >= 19)")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=19)
 
     m = sub.add_parser("demo", help="the offline CPU demo: synthetic data, brief training, evaluation, pictures")
     m.add_argument("--out", default="demo_out")
@@ -90,12 +96,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .losses import VGGWeightsError
+    from .onnx_export import OnnxUnavailable
     from .train import NonFiniteLoss
 
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (DataError, CheckpointError, VGGWeightsError, NonFiniteLoss, ValueError) as error:
+    except (DataError, CheckpointError, VGGWeightsError, NonFiniteLoss, OnnxUnavailable, ValueError) as error:
         print(f"aecr-net {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -139,11 +146,24 @@ def _run(args) -> int:
     if args.command == "dehaze":
         from .checkpoint import load_checkpoint
         from .inference import dehaze_files
+        if (args.checkpoint is None) == (args.onnx is None):
+            raise ValueError("give exactly one of --checkpoint and --onnx")
+        if args.onnx is not None:
+            from .onnx_export import dehaze_files_onnx
+            written = dehaze_files_onnx(args.onnx, args.inputs, args.out, progress=not args.no_progress)
+            print(f"wrote {len(written)} image(s) to {args.out} (ONNX Runtime)")
+            return 0
         _check_device(args.device)
         model = load_checkpoint(args.checkpoint, map_location=args.device)
         autocast = torch.bfloat16 if args.precision == "bf16" else None
         written = dehaze_files(model, args.inputs, args.out, args.device, autocast, progress=not args.no_progress)
         print(f"wrote {len(written)} image(s) to {args.out}")
+        return 0
+    if args.command == "export":
+        from .checkpoint import load_checkpoint
+        from .onnx_export import export_onnx
+        export_onnx(load_checkpoint(args.checkpoint, map_location="cpu"), args.out, opset=args.opset)
+        print(f"wrote {args.out} (ONNX opset {args.opset}; dynamic batch, height and width)")
         return 0
     if args.command == "demo":
         from .demo import run_demo

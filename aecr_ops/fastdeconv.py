@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from . import _checks
 from ._checks import ArgumentError, ArgumentTypeError, IntPair
 from ._extension import require_extension
-from .reference import fastdeconv_block, fastdeconv_fold, reset_conv_parameters
+from .reference import fastdeconv_block, fastdeconv_fold, fastdeconv_initial_buffers, reset_conv_parameters
 
 
 def patch_statistics(input: Tensor, kernel_size: IntPair, dilation: IntPair = 1, padding: IntPair = 0,
@@ -142,14 +142,10 @@ class FastDeconv(nn.Module):
         reset_conv_parameters(self.weight, self.bias)
 
         self.block = fastdeconv_block(in_channels, block, groups)
-        taps = self.kernel_size[0] * self.kernel_size[1]
-        self.num_features = taps * self.block
-        if groups == 1:
-            self.register_buffer("running_mean", torch.zeros(self.num_features))
-            self.register_buffer("running_deconv", torch.eye(self.num_features))
-        else:
-            self.register_buffer("running_mean", torch.zeros(taps * in_channels))
-            self.register_buffer("running_deconv", torch.eye(self.num_features).repeat(groups, 1, 1))
+        self.num_features = self.kernel_size[0] * self.kernel_size[1] * self.block
+        mean, deconv = fastdeconv_initial_buffers(in_channels, self.kernel_size, self.block, groups)
+        self.register_buffer("running_mean", mean)
+        self.register_buffer("running_deconv", deconv)
         self.sampling_stride = sampling_stride * self.stride[0]
         self.freeze, self.freeze_iter = freeze, freeze_iter
         # Training calls modulo 10*freeze_iter; a tensor so that torch.compile does not recompile as it counts.

@@ -11,7 +11,7 @@ from torch import Tensor
 from ._checks import IntPair, pair
 
 __all__ = ["deform_conv2d", "bilinear_sample", "FastDeconv", "isqrt_newton_schulz", "fastdeconv_patches",
-           "fastdeconv_statistics", "fastdeconv_fold", "fastdeconv_block"]
+           "fastdeconv_statistics", "fastdeconv_fold", "fastdeconv_block", "fastdeconv_initial_buffers"]
 
 
 def bilinear_sample(image: Tensor, h: Tensor, w: Tensor) -> Tensor:
@@ -180,14 +180,10 @@ class FastDeconv(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.empty(out_channels)) if bias else None
         reset_conv_parameters(self.weight, self.bias)
         self.block = fastdeconv_block(in_channels, block, groups)
-        taps = self.kernel_size[0] * self.kernel_size[1]
-        self.num_features = taps * self.block
-        if groups == 1:
-            self.register_buffer("running_mean", torch.zeros(self.num_features))
-            self.register_buffer("running_deconv", torch.eye(self.num_features))
-        else:
-            self.register_buffer("running_mean", torch.zeros(taps * in_channels))
-            self.register_buffer("running_deconv", torch.eye(self.num_features).repeat(in_channels // self.block, 1, 1))
+        self.num_features = self.kernel_size[0] * self.kernel_size[1] * self.block
+        mean, deconv = fastdeconv_initial_buffers(in_channels, self.kernel_size, self.block, groups)
+        self.register_buffer("running_mean", mean)
+        self.register_buffer("running_deconv", deconv)
         self.sampling_stride = sampling_stride * self.stride[0]
         self.counter = 0
         self.freeze, self.freeze_iter = freeze, freeze_iter
@@ -221,6 +217,17 @@ def fastdeconv_block(in_channels: int, block: int, groups: int) -> int:
     if groups > 1:
         block = in_channels // groups
     return block
+
+
+def fastdeconv_initial_buffers(in_channels: int, kernel_size: Tuple[int, int], block: int,
+                               groups: int) -> Tuple[Tensor, Tensor]:
+    """running_mean and running_deconv as the original layer creates them: [F] and the identity [F, F]
+    (F = kh*kw*block); with groups > 1, [kh*kw*in_channels] and one identity per group [groups, F, F]."""
+    taps = kernel_size[0] * kernel_size[1]
+    features = taps * block
+    if groups == 1:
+        return torch.zeros(features), torch.eye(features)
+    return torch.zeros(taps * in_channels), torch.eye(features).repeat(groups, 1, 1)
 
 
 def reset_conv_parameters(weight: Tensor, bias: Optional[Tensor]) -> None:

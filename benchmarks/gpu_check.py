@@ -34,7 +34,7 @@ def run(name, command, timeout, env=None):
 
 
 def pytest_summary(tail):
-    match = re.findall(r"=+ (.*(?:passed|failed|error|skipped).*) in [\d.]+s", tail)
+    match = re.findall(r"^=*\s*(\d+ (?:passed|failed|errors?|skipped|deselected).*?) in [\d.]+s", tail, re.M)
     return match[-1] if match else None
 
 

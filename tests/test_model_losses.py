@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aecr_model.losses import CR_WEIGHTS, ContrastiveRegularization, VGGWeightsError, vgg19_features
+pytest.importorskip("torchvision")  # VGG19
+
+from aecr_model.losses import CR_WEIGHTS, ContrastiveRegularization, VGGWeightsError, vgg19_features  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,7 @@ def test_bad_configs(data, tmp_path, kw, words):
 
 
 def test_contrastive_regularisation_in_training(data, tmp_path):
+    pytest.importorskip("torchvision")
     summary = train(config(data, tmp_path, steps=2, cr_weight=0.1, vgg_weights="random"), echo=quiet)
     assert summary["step"] == 2
     assert "cr 0.0000" not in (tmp_path / "train.log").read_text().split("step 1/2")[1].split("\n")[0]
@@ -107,6 +108,7 @@ def test_contrastive_regularisation_in_training(data, tmp_path):
 
 @pytest.mark.cuda
 def test_training_on_cuda_with_bf16_autocast(data, tmp_path):
+    pytest.importorskip("torchvision")
     summary = train(config(data, tmp_path, steps=3, device="cuda", cr_weight=0.1, vgg_weights="random"), echo=quiet)
     assert summary["step"] == 3 and all(torch.isfinite(torch.tensor(summary["losses"])))
     assert "bf16 autocast" in (tmp_path / "train.log").read_text()

@@ -2,8 +2,10 @@
 // and GEMMs through at::mm (MKL / OpenBLAS).
 //
 // Work is split into tiles of up to kTile output pixels of one (image, offset group, tap): a tile's bilinear
-// points are computed once and reused for every channel of the offset group. Each output element is written
-// by exactly one thread in a fixed order, so results are bitwise identical run to run.
+// points (from bilinear_point) are computed once, laid out as arrays so that the loops over pixels vectorise,
+// and reused for a block of channels whose planes stay in cache. The backward rebuilds the columns inside the
+// offset-gradient pass. Each output element is written by exactly one thread in a fixed order, so results are
+// bitwise identical run to run and do not depend on the number of threads (the GEMMs aside).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

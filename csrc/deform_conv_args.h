@@ -99,6 +99,12 @@ inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& i
               shape, ", got ", grad_output.sizes());
 }
 
+// The data of an optional tensor from an element offset on, or null when it is absent (no mask).
+template <typename V>
+const V* optional_data(const std::optional<at::Tensor>& t, int64_t element_offset) {
+  return t.has_value() ? t->data_ptr<V>() + element_offset : nullptr;
+}
+
 // Images per chunk, so that the column buffer [C*K, n*P] holds at most `budget` elements (at least one image).
 inline int64_t images_per_chunk(const DeformConvShape& s, int64_t batch, int64_t budget) {
   const int64_t per_image = std::max<int64_t>(1, s.channels * s.taps() * s.pixels());

@@ -1,7 +1,7 @@
 """Random deform_conv2d problems shared by the DCN tests."""
 import dataclasses
 import random
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 

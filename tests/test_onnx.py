@@ -2,7 +2,6 @@
 
 Skipped when onnx, onnxscript or onnxruntime is missing (`pip install 'aecr[onnx]'`; the test command installs
 them)."""
-import os
 
 import numpy as np
 import pytest

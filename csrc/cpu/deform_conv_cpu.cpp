@@ -258,11 +258,6 @@ void check_cpu_dtype(const at::Tensor& input) {
               " (float16 and bfloat16 run on CUDA)");
 }
 
-template <typename V>
-const V* optional_data(const std::optional<at::Tensor>& t, int64_t element_offset) {
-  return t.has_value() ? t->data_ptr<V>() + element_offset : nullptr;
-}
-
 at::Tensor deform_conv2d_cpu(const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& offset_,
                              const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,

@@ -18,18 +18,13 @@
 #include <type_traits>
 
 #include "aecr/deform_conv.h"
+#include "cuda/launch.cuh"
 #include "deform_conv_args.h"
 
 namespace aecr {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kColumnBudget = int64_t(1) << 28;  // elements of the column buffer of one chunk
-
-int64_t grid_for(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20)); }
-
-#define AECR_GRID_STRIDE_LOOP(i, n) \
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(blockDim.x) * gridDim.x)
 
 struct AtomicAdd {
   template <typename A>
@@ -46,7 +41,7 @@ template <typename V>
 __global__ void im2col_kernel(DeformConvShape s, int64_t n, const V* input, const V* offset, const V* mask,
                               V* columns) {
   using T = at::opmath_type<V>;
-  AECR_GRID_STRIDE_LOOP(i, n * s.offset_groups * s.taps() * s.pixels()) {
+  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
     const SamplingSite t = site_from_index(s, i);
     im2col_site<T>(s, n, t, input + t.b * s.channels * s.plane(), offset, mask, columns);
   }
@@ -56,7 +51,7 @@ template <typename V>
 __global__ void offset_mask_grad_kernel(DeformConvShape s, int64_t n, const V* input, const V* offset, const V* mask,
                                         const V* grad_columns, V* grad_offset, V* grad_mask) {
   using T = at::opmath_type<V>;
-  AECR_GRID_STRIDE_LOOP(i, n * s.offset_groups * s.taps() * s.pixels()) {
+  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
     const SamplingSite t = site_from_index(s, i);
     offset_mask_grad_site<T>(s, n, t, input + t.b * s.channels * s.plane(), offset, mask, grad_columns, grad_offset,
                              grad_mask);
@@ -68,7 +63,7 @@ template <typename V, typename A>
 __global__ void col2im_atomic_kernel(DeformConvShape s, int64_t n, const V* offset, const V* mask,
                                      const V* grad_columns, A* grad_input) {
   using T = at::opmath_type<V>;
-  AECR_GRID_STRIDE_LOOP(i, n * s.offset_groups * s.taps() * s.pixels()) {
+  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
     const SamplingSite t = site_from_index(s, i);
     col2im_site<AtomicAdd, T>(s, n, t, offset, mask, grad_columns, grad_input + t.b * s.channels * s.plane());
   }
@@ -82,7 +77,7 @@ __global__ void scatter_entries_kernel(DeformConvShape s, int64_t n, const V* of
                                        at::opmath_type<V>* weights) {
   using T = at::opmath_type<V>;
   const int64_t no_cell = n * s.offset_groups * s.plane();
-  AECR_GRID_STRIDE_LOOP(i, n * s.offset_groups * s.taps() * s.pixels()) {
+  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
     const SamplingSite t = site_from_index(s, i);
     const BilinearPoint<T> p = site_point<T>(s, t, offset);
     const T m = site_mask<T>(s, t, mask);
@@ -101,7 +96,7 @@ __global__ void gather_input_grad_kernel(DeformConvShape s, int64_t n, const int
                                          const at::opmath_type<V>* weights, const V* grad_columns, V* grad_input) {
   using T = at::opmath_type<V>;
   const int64_t cpg = s.channels_per_offset_group();
-  AECR_GRID_STRIDE_LOOP(i, n * s.channels * s.plane()) {
+  AECR_GRID_STRIDE_LOOP(i, 0, n * s.channels * s.plane()) {
     const int64_t cell = i % s.plane();
     const int64_t c = (i / s.plane()) % s.channels;
     const int64_t b = i / (s.plane() * s.channels);
@@ -117,11 +112,6 @@ __global__ void gather_input_grad_kernel(DeformConvShape s, int64_t n, const int
 }
 
 void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
-
-template <typename V>
-const V* optional_data(const std::optional<at::Tensor>& t, int64_t element_offset) {
-  return t.has_value() ? t->data_ptr<V>() + element_offset : nullptr;
-}
 
 at::Tensor deform_conv2d_cuda(const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& offset_,
                               const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias,

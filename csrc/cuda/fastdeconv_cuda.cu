@@ -14,19 +14,13 @@
 
 #include "aecr/newton_schulz.h"
 #include "aecr/patch_stats.h"
+#include "cuda/launch.cuh"
 #include "fastdeconv_driver.h"
 
 namespace aecr {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kTileBudget = int64_t(1) << 26;  // patch entries per tile
-
-int64_t grid_for(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20)); }
-
-#define AECR_GRID_STRIDE_LOOP(i, begin, end)                                                       \
-  for (int64_t i = (begin) + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (end); \
-       i += int64_t(blockDim.x) * gridDim.x)
 
 struct BlockSync {
   AECR_HOST_DEVICE void operator()() const {

@@ -1,0 +1,20 @@
+// Launch helpers shared by the CUDA drivers: block size, a bounded grid, and grid-stride loops with 64-bit
+// indices (so any tensor size works with any grid).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace aecr {
+
+constexpr int kThreads = 256;
+
+inline int64_t grid_for(int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20));
+}
+
+}  // namespace aecr
+
+#define AECR_GRID_STRIDE_LOOP(i, begin, end)                                               \
+  for (int64_t i = (begin) + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (end); \
+       i += int64_t(blockDim.x) * gridDim.x)

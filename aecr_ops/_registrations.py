@@ -99,6 +99,11 @@ def _isqrt_backward_fake(grad, a, result, saved, n_iter):
     return a.new_empty(a.shape)
 
 
+@torch.library.register_fake("aecr_ops::fastdeconv_update_running")
+def _update_running_fake(running_mean, running_deconv, mean, deconv, momentum):
+    return mean.new_empty((), dtype=torch.bool)
+
+
 def _isqrt_setup_context(ctx, inputs, output):
     a, n_iter = inputs
     ctx.save_for_backward(a, *output)

@@ -99,7 +99,9 @@ def deform_conv2d(
         ``[B, C_out, Ho, Wo]`` with ``Ho = (H + 2*pad_h - (dil_h*(kh-1) + 1)) // stride_h + 1`` (``Wo`` alike).
 
     float32 and float64 on the CPU and CUDA, float16 and bfloat16 on CUDA (coordinates and sums in float32).
-    Samples outside the image read zeros; a non-finite offset samples zero.
+    Samples outside the image read zeros; a non-finite offset samples zero. On CUDA the environment variable
+    ``AECR_DCN_CUDA_PATH=implicit`` selects the implicit-GEMM tensor-core path (fp16, bf16, fp32 with TF32
+    matmuls allowed; opt-in until verified on a GPU); the default ``simple`` path is the reference.
 
     Example::
 

@@ -102,8 +102,8 @@ class FastDeconv(nn.Module):
     convolution whose folded weight is computed once and reused until the parameters or buffers change.
 
     Unlike the original: a batch whose statistics are not finite does not touch the running buffers (a
-    RuntimeWarning says so; the output of that batch is what the statistics make it); ``bias=False`` works; an
-    empty batch leaves the statistics alone.
+    RuntimeWarning says so, on CUDA from a later call, since the check does not wait for the GPU; the output of
+    that batch is what the statistics make it); ``bias=False`` works; an empty batch leaves the statistics alone.
 
     Shapes: ``forward(x [N, C_in, H, W]) -> [N, C_out, Ho, Wo]`` as ``nn.Conv2d``.
 
@@ -151,6 +151,7 @@ class FastDeconv(nn.Module):
         # Training calls modulo 10*freeze_iter; a tensor so that torch.compile does not recompile as it counts.
         self.register_buffer("counter", torch.zeros((), dtype=torch.long), persistent=False)
         self._fold_cache = None
+        self._pending_finite = None  # CUDA: (pinned flag, event) of the last batch's finiteness check
 
     def forward(self, x: Tensor) -> Tensor:
         autocast = torch.is_autocast_enabled(x.device.type) if isinstance(x, Tensor) else False
@@ -160,6 +161,8 @@ class FastDeconv(nn.Module):
         if not autocast and x.dtype != self.weight.dtype:
             raise ArgumentTypeError(f"FastDeconv: `x` has dtype {x.dtype} but the layer is {self.weight.dtype}; "
                                     f"convert one of them (e.g. layer.to({x.dtype}))")
+        if self._pending_finite is not None:
+            self._report_non_finite(wait=False)
         frozen = self.freeze and bool(self.counter > self.freeze_iter)
         if self.training:
             with torch.no_grad():
@@ -184,16 +187,45 @@ class FastDeconv(nn.Module):
         return torch.nn.functional.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _update_running(self, mean: Tensor, deconv: Tensor) -> None:
-        with torch.no_grad():
-            finite = torch.isfinite(mean).all() & torch.isfinite(deconv).all()
-            m = self.momentum
-            new_mean = self.running_mean * (1 - m) + mean.to(self.running_mean.dtype) * m
-            new_deconv = self.running_deconv * (1 - m) + deconv.to(self.running_deconv.dtype) * m
-            self.running_mean.copy_(torch.where(finite, new_mean, self.running_mean))
-            self.running_deconv.copy_(torch.where(finite, new_deconv, self.running_deconv))
-        if not torch.compiler.is_compiling() and not bool(finite):
-            warnings.warn("FastDeconv: the batch statistics are not finite (NaN or inf in the input?); the running "
-                          "buffers were left unchanged", RuntimeWarning, stacklevel=3)
+        with torch.no_grad():  # one kernel: both buffers move, or neither (a non-finite batch)
+            finite = torch.ops.aecr_ops.fastdeconv_update_running(
+                self.running_mean, self.running_deconv, mean.to(self.running_mean.dtype),
+                deconv.to(self.running_deconv.dtype), self.momentum)
+        if torch.compiler.is_compiling():
+            return
+        if finite.is_cuda:
+            self._report_non_finite(wait=False)
+            # No synchronisation per step: the flag comes back asynchronously and is reported by a later call.
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(finite, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending_finite = (flag, event)
+        elif not bool(finite):
+            self._warn_non_finite()
+
+    def __getstate__(self):
+        # A pending CUDA check (an event) neither pickles nor deep-copies: copies start without it.
+        state = dict(super().__getstate__())
+        state["_pending_finite"] = None
+        return state
+
+    def _report_non_finite(self, wait: bool) -> None:
+        """Warns about a non-finite CUDA batch whose check has come back (or waits for it when ``wait``)."""
+        if self._pending_finite is None:
+            return
+        flag, event = self._pending_finite
+        if not wait and not event.query():
+            return
+        event.synchronize()
+        self._pending_finite = None
+        if not bool(flag):
+            self._warn_non_finite(" (reported late: CUDA checks do not wait for the GPU)")
+
+    @staticmethod
+    def _warn_non_finite(note: str = "") -> None:
+        warnings.warn("FastDeconv: the batch statistics are not finite (NaN or inf in the input?); the running "
+                      f"buffers were left unchanged{note}", RuntimeWarning, stacklevel=4)
 
     def _folded_from_running(self) -> Tuple[Tensor, Tensor]:
         """The plain convolution the layer is with its running buffers; cached while nothing changes."""

@@ -5,10 +5,16 @@ bias), median of several runs, all measured in the same process so the ratios co
 
     python benchmarks/bench_dcn.py                       # the CPU shapes of the DCN issue
     python benchmarks/bench_dcn.py --device cuda --dtype bfloat16 --shapes 16x256x64
+    python benchmarks/bench_dcn.py --device cuda --dtype float32 --tf32     # TF32 allowed in matmuls and cuDNN
     python benchmarks/bench_dcn.py --json results.json
+
+On CUDA both paths of aecr_ops are measured (AECR_DCN_CUDA_PATH=simple / implicit), each also under
+torch.use_deterministic_algorithms(True): aecr_ops_simple, aecr_ops_implicit, and the same with _deterministic.
 """
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -66,6 +72,31 @@ def implementations():
     return {"aecr_ops": ours, "torchvision": tv, "conv2d": conv}
 
 
+# name -> (CUDA path, deterministic) for the variants of aecr_ops measured on CUDA.
+CUDA_VARIANTS = {
+    "aecr_ops_simple": ("simple", False),
+    "aecr_ops_simple_deterministic": ("simple", True),
+    "aecr_ops_implicit": ("implicit", False),
+    "aecr_ops_implicit_deterministic": ("implicit", True),
+}
+
+
+@contextlib.contextmanager
+def cuda_variant(path, deterministic):
+    """AECR_DCN_CUDA_PATH and deterministic mode for the forward and backward of one measurement."""
+    previous = os.environ.get("AECR_DCN_CUDA_PATH")
+    os.environ["AECR_DCN_CUDA_PATH"] = path
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        if previous is None:
+            os.environ.pop("AECR_DCN_CUDA_PATH", None)
+        else:
+            os.environ["AECR_DCN_CUDA_PATH"] = previous
+
+
 def measure(name, fn, tensors, device, warmup, repeat):
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     grad = torch.randn_like(fn(*tensors))
@@ -91,38 +122,56 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out (e.g. torchvision)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 in matmuls (and cuDNN) for float32")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
     shapes = args.shapes or DEFAULT_SHAPES[args.device]
-    impls = {k: v for k, v in implementations().items() if k not in args.skip}
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    base = implementations()
+    variants = {"aecr_ops": (None, False)}
+    if args.device == "cuda":
+        variants = dict(CUDA_VARIANTS)
+    impls = {name: (base["aecr_ops"], variant) for name, variant in variants.items()}
+    impls.update({k: (v, None) for k, v in base.items() if k != "aecr_ops"})
+    impls = {k: v for k, v in impls.items() if k not in args.skip}
+    ours_names = [k for k in impls if k.startswith("aecr_ops")]
     results = []
-    header = f"{'shape':>12} {'impl':>12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tv/ours fwd':>12} {'tv/ours f+b':>12} " \
+    header = f"{'shape':>12} {'impl':>32} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tv/ours fwd':>12} {'tv/ours f+b':>12} " \
              f"{'ours/conv f+b':>14}"
     print(f"device {args.device} ({describe_device(args.device)}), dtype {args.dtype}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     print(header)
     for text in shapes:
         tensors = make_problem(*parse_shape(text), dtype=dtype, device=args.device)
-        row = {"shape": text, "dtype": args.dtype, "device": args.device}
-        for name, fn in impls.items():
-            row[name] = measure(name, fn, tensors, args.device, args.warmup, args.repeat)
-        ours = row.get("aecr_ops")
-        if ours and "torchvision" in row:
-            row["speedup_vs_torchvision_forward"] = row["torchvision"]["forward_s"] / ours["forward_s"]
-            row["speedup_vs_torchvision_forward_backward"] = (row["torchvision"]["forward_backward_s"]
-                                                              / ours["forward_backward_s"])
-        if ours and "conv2d" in row:
-            row["ratio_to_conv2d_forward"] = ours["forward_s"] / row["conv2d"]["forward_s"]
-            row["ratio_to_conv2d_forward_backward"] = ours["forward_backward_s"] / row["conv2d"]["forward_backward_s"]
+        row = {"shape": text, "dtype": args.dtype, "device": args.device, "tf32": args.tf32}
+        for name, (fn, variant) in impls.items():
+            with cuda_variant(*variant) if variant and variant[0] else contextlib.nullcontext():
+                row[name] = measure(name, fn, tensors, args.device, args.warmup, args.repeat)
+        for name in ours_names:
+            ours = row[name]
+            if "torchvision" in row:
+                ours["speedup_vs_torchvision_forward"] = row["torchvision"]["forward_s"] / ours["forward_s"]
+                ours["speedup_vs_torchvision_forward_backward"] = (row["torchvision"]["forward_backward_s"]
+                                                                   / ours["forward_backward_s"])
+            if "conv2d" in row:
+                ours["ratio_to_conv2d_forward"] = ours["forward_s"] / row["conv2d"]["forward_s"]
+                ours["ratio_to_conv2d_forward_backward"] = (ours["forward_backward_s"]
+                                                            / row["conv2d"]["forward_backward_s"])
+            default = name[:-len("_deterministic")] if name.endswith("_deterministic") else None
+            if default in row:
+                ours["ratio_to_default_forward_backward"] = (ours["forward_backward_s"]
+                                                             / row[default]["forward_backward_s"])
         for name in impls:
             extra = ""
-            if name == "aecr_ops":
-                extra = (f" {row.get('speedup_vs_torchvision_forward', float('nan')):>12.2f}"
-                         f" {row.get('speedup_vs_torchvision_forward_backward', float('nan')):>12.2f}"
-                         f" {row.get('ratio_to_conv2d_forward_backward', float('nan')):>14.2f}")
-            print(f"{text:>12} {name:>12} {1e3 * row[name]['forward_s']:>9.2f} "
+            if name in ours_names:
+                extra = (f" {row[name].get('speedup_vs_torchvision_forward', float('nan')):>12.2f}"
+                         f" {row[name].get('speedup_vs_torchvision_forward_backward', float('nan')):>12.2f}"
+                         f" {row[name].get('ratio_to_conv2d_forward_backward', float('nan')):>14.2f}")
+            print(f"{text:>12} {name:>32} {1e3 * row[name]['forward_s']:>9.2f} "
                   f"{1e3 * row[name]['forward_backward_s']:>11.2f}{extra}")
         results.append(row)
     if args.json:

@@ -5,12 +5,19 @@ Both networks start from the same weights; their steps alternate; times are medi
 
     python benchmarks/bench_model.py                      # CPU: a 1x3x256x256 training step (L1, Adam) and
                                                           # 1920x1080 inference
-    python benchmarks/bench_model.py --device cuda        # GPU: batch 16 of 240x240 crops (L1 + CR), fp32
-                                                          # and bf16 autocast; 1920x1080 inference
+    python benchmarks/bench_model.py --device cuda        # GPU: batch 16 of 240x240 crops (L1 + CR), fp32,
+                                                          # fp32 with TF32, bf16 autocast; 1920x1080 inference
+    python benchmarks/bench_model.py --batch 16 --crop 240 --cr --precisions fp32 bf16 --repeat 1
+                                                          # the GPU configuration on the CPU
+
+On CUDA ours runs once per DCN path (AECR_DCN_CUDA_PATH=simple and implicit: aecr_ops_simple,
+aecr_ops_implicit), alternating with the baseline in the same loop.
 """
 import argparse
+import contextlib
 import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -31,8 +38,15 @@ class TorchvisionDCN(aecr_ops.DCN):
         out = self.conv_offset_mask(input)
         o1, o2, mask = torch.chunk(out, 3, dim=1)
         offset = torch.cat((o1, o2), dim=1)
+        mask = torch.sigmoid(mask)
+        if input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # torchvision has no fp16/bf16 CPU kernel (nor autocast on the CPU): the baseline runs this layer in fp32.
+            with torch.autocast("cpu", enabled=False):
+                return torchvision.ops.deform_conv2d(input.float(), offset.float(), self.weight.float(),
+                                                     self.bias.float(), self.stride, self.padding, self.dilation,
+                                                     mask.float())
         return torchvision.ops.deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding,
-                                             self.dilation, torch.sigmoid(mask))
+                                             self.dilation, mask)
 
 
 def baseline_of(model: AECRNet) -> AECRNet:
@@ -67,9 +81,44 @@ def alternate(fns, device, warmup, repeat):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def training_step(model, optimizer, hazy, clear, cr, cr_weight, autocast_dtype):
+# label -> (autocast dtype, TF32 allowed (None: PyTorch's setting))
+PRECISIONS = {"fp32": (None, False), "fp32+tf32": (None, True), "bf16": (torch.bfloat16, None)}
+
+
+@contextlib.contextmanager
+def dcn_path(path):
+    """AECR_DCN_CUDA_PATH for one call (None: leave it alone)."""
+    previous = os.environ.get("AECR_DCN_CUDA_PATH")
+    if path is not None:
+        os.environ["AECR_DCN_CUDA_PATH"] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("AECR_DCN_CUDA_PATH", None)
+        else:
+            os.environ["AECR_DCN_CUDA_PATH"] = previous
+
+
+@contextlib.contextmanager
+def tf32(enabled):
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if enabled is not None:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def training_step(model, optimizer, hazy, clear, cr, cr_weight, autocast_dtype, path=None):
     def step():
-        with torch.autocast(hazy.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with dcn_path(path):
+            one_step()
+
+    def one_step():
+        with torch.autocast(hazy.device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
             out = model(hazy)
             loss = F.l1_loss(out.float(), clear)
             if cr is not None:
@@ -88,6 +137,12 @@ def main():
     parser.add_argument("--inference-size", default="1080x1920", help="HxW of the inference image")
     parser.add_argument("--inference-repeat", type=int, default=2)
     parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--batch", type=int, help="training batch (default: 16 on CUDA, 1 on the CPU)")
+    parser.add_argument("--crop", type=int, help="training crop size (default: 240 on CUDA, 256 on the CPU)")
+    parser.add_argument("--cr", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the contrastive regularisation (VGG19, random weights) to L1 (default: on CUDA)")
+    parser.add_argument("--precisions", nargs="*", choices=list(PRECISIONS),
+                        help="default: fp32, fp32+tf32 and bf16 on CUDA; fp32 on the CPU")
     parser.add_argument("--json")
     args = parser.parse_args()
     device = args.device
@@ -96,48 +151,61 @@ def main():
     with torch.no_grad():  # non-zero offsets, as after training
         ours.dcn_block.dcn.conv_offset_mask.weight.normal_(0, 1e-3)
     base = baseline_of(ours)
-    name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name() if device == "cuda"
+            else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"AECR-Net, {name}, torch {torch.__version__}")
-    results = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"),
-               "training": [], "inference": []}
+    results = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+               "date": time.strftime("%Y-%m-%d"), "training": [], "inference": []}
 
-    if device == "cuda":
+    gpu = device == "cuda"
+    batch = args.batch or (16 if gpu else 1)
+    crop = args.crop or (240 if gpu else 256)
+    cr = None
+    if args.cr if args.cr is not None else gpu:
         from aecr_model.losses import ContrastiveRegularization
-        batch, crop, cr = 16, 240, ContrastiveRegularization("random").to(device)
-        precisions = [("fp32", None), ("bf16", torch.bfloat16)]
-    else:
-        batch, crop, cr = 1, 256, None
-        precisions = [("fp32", None)]
+        cr = ContrastiveRegularization("random").to(device)
+    labels = args.precisions or (["fp32", "fp32+tf32", "bf16"] if gpu else ["fp32"])
+    precisions = [(label, *PRECISIONS[label]) for label in labels]
+    ours_runs = [("aecr_ops_simple", "simple"), ("aecr_ops_implicit", "implicit")] if gpu else [("aecr_ops", None)]
+    results["config"] = {"batch": batch, "crop": crop, "cr": cr is not None, "precisions": labels}
     hazy = torch.rand(batch, 3, crop, crop, device=device)
     clear = torch.rand(batch, 3, crop, crop, device=device)
-    for label, dtype in precisions:
+    for label, dtype, allow_tf32 in precisions:
         fns = {}
-        for impl, model in (("aecr_ops", ours), ("baseline", base)):
-            opt = torch.optim.Adam(model.parameters(), lr=1e-6)
-            fns[impl] = training_step(model.train(), opt, hazy, clear, cr, 0.1, dtype)
-        times = alternate(fns, device, args.warmup, args.repeat)
+        for impl, path in ours_runs:
+            opt = torch.optim.Adam(ours.parameters(), lr=1e-6)
+            fns[impl] = training_step(ours.train(), opt, hazy, clear, cr, 0.1, dtype, path)
+        fns["baseline"] = training_step(base.train(), torch.optim.Adam(base.parameters(), lr=1e-6), hazy, clear, cr,
+                                        0.1, dtype)
+        with tf32(allow_tf32):
+            times = alternate(fns, device, args.warmup, args.repeat)
         row = {"what": f"training step, batch {batch} of {crop}x{crop}, L1{' + CR' if cr else ''}, Adam",
-               "precision": label, "seconds": times, "speedup": times["baseline"] / times["aecr_ops"]}
+               "precision": label, "seconds": times,
+               "speedup": {impl: times["baseline"] / times[impl] for impl, _ in ours_runs}}
         results["training"].append(row)
-        print(f"train {label}: aecr_ops {1e3 * times['aecr_ops']:.1f} ms, baseline {1e3 * times['baseline']:.1f} ms, "
-              f"speed-up {row['speedup']:.2f}x")
+        print(f"train {label}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in times.items()) + "; speed-up " +
+              ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items()))
 
     if not args.skip_inference:
         h, w = (int(v) for v in args.inference_size.split("x"))
         image = torch.rand(1, 3, h, w, device=device)
-        for label, dtype in precisions:
+        for label, dtype, allow_tf32 in precisions:
             fns = {}
-            for impl, model in (("aecr_ops", ours.eval()), ("baseline", base.eval())):
-                def infer(model=model):
-                    with torch.no_grad(), torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            for impl, model, path in [(impl, ours.eval(), path) for impl, path in ours_runs] + [
+                    ("baseline", base.eval(), None)]:
+                def infer(model=model, path=path):
+                    with dcn_path(path), torch.no_grad(), torch.autocast(device, dtype=dtype or torch.bfloat16,
+                                                                         enabled=dtype is not None):
                         model(image)
                 fns[impl] = infer
-            times = alternate(fns, device, 1, args.inference_repeat)
+            with tf32(allow_tf32):
+                times = alternate(fns, device, 1, args.inference_repeat)
             row = {"what": f"inference {h}x{w}", "precision": label, "seconds": times,
-                   "images_per_s": {k: 1 / v for k, v in times.items()}, "speedup": times["baseline"] / times["aecr_ops"]}
+                   "images_per_s": {k: 1 / v for k, v in times.items()},
+                   "speedup": {impl: times["baseline"] / times[impl] for impl, _ in ours_runs}}
             results["inference"].append(row)
-            print(f"inference {h}x{w} {label}: aecr_ops {times['aecr_ops']:.3f} s, baseline {times['baseline']:.3f} s, "
-                  f"speed-up {row['speedup']:.2f}x")
+            print(f"inference {h}x{w} {label}: " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()) +
+                  "; speed-up " + ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

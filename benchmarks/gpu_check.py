@@ -70,11 +70,12 @@ def main():
         result["memcheck"] = {"exit_code": None, "note": "compute-sanitizer not on the PATH"}
 
     result["benchmarks"] = []
-    for dtype in ("float32", "bfloat16"):
-        path = os.path.join(OUT, f"bench_dcn_{dtype}.json")
-        rc, secs, tail = run(f"bench_dcn_{dtype}", [sys.executable, "benchmarks/bench_dcn.py", "--device", "cuda",
+    for label, dtype, extra in (("float32", "float32", []), ("tf32", "float32", ["--tf32"]),
+                                ("bfloat16", "bfloat16", [])):
+        path = os.path.join(OUT, f"bench_dcn_{label}.json")
+        rc, secs, tail = run(f"bench_dcn_{label}", [sys.executable, "benchmarks/bench_dcn.py", "--device", "cuda",
                                                      "--dtype", dtype, "--shapes", "16x256x64", "--warmup", "3",
-                                                     "--repeat", "20", "--json", path], timeout=120)
+                                                     "--repeat", "15", "--json", path] + extra, timeout=120)
         print(tail[-1200:], flush=True)
         if rc == 0 and os.path.exists(path):
             with open(path) as f:
@@ -95,7 +96,7 @@ def main():
     path = os.path.join(OUT, "bench_model.json")
     rc, secs, tail = run("bench_model", [sys.executable, "benchmarks/bench_model.py", "--device", "cuda",
                                          "--warmup", "2", "--repeat", "10", "--inference-repeat", "5", "--json", path],
-                         timeout=150)
+                         timeout=200)
     print(tail[-1200:], flush=True)
     if rc == 0 and os.path.exists(path):
         with open(path) as f:
@@ -103,9 +104,42 @@ def main():
     else:
         result["model"] = {"exit_code": rc, "tail": tail[-600:]}
 
+    result["targets"] = targets(result)
     with open(os.path.join(OUT, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({k: v for k, v in result.items() if k not in ("benchmarks", "fastdeconv", "model")}, indent=1))
+
+
+def targets(result):
+    """The GPU targets of the performance issue, each with its measured value and whether it is met."""
+    rows = []
+
+    def add(what, measured, goal, higher_is_better):
+        met = None if measured is None else (measured >= goal if higher_is_better else measured <= goal)
+        rows.append({"target": what, "goal": goal, "measured": measured, "met": met})
+
+    for bench in result.get("benchmarks", []):
+        if "aecr_ops_implicit" not in bench:
+            continue
+        label = bench["dtype"] + ("+tf32" if bench.get("tf32") else "")
+        for impl in ("aecr_ops_implicit", "aecr_ops_simple"):
+            ours = bench[impl]
+            add(f"DCN {bench['shape']} {label} {impl}: fwd+bwd speed-up vs torchvision",
+                ours.get("speedup_vs_torchvision_forward_backward"), 3.0, True)
+            add(f"DCN {bench['shape']} {label} {impl}: fwd+bwd time / cuDNN conv2d",
+                ours.get("ratio_to_conv2d_forward_backward"), 1.5, False)
+            det = bench.get(impl + "_deterministic", {})
+            add(f"DCN {bench['shape']} {label} {impl}: deterministic / default fwd+bwd",
+                det.get("ratio_to_default_forward_backward"), 2.0, False)
+    for row in result.get("fastdeconv", []) if isinstance(result.get("fastdeconv"), list) else []:
+        if row["shape"] == "aecr_16x3x256":
+            add("FastDeconv step 16x3x256x256: speed-up vs the original", row["speedup"], 3.0, True)
+    model = result.get("model", {})
+    for row in model.get("training", []) if isinstance(model, dict) else []:
+        for impl, value in row["speedup"].items():
+            add(f"AECR-Net training step {row['precision']} {impl}: speed-up vs torchvision + original FastDeconv",
+                value, 1.5, True)
+    return rows
 
 
 if __name__ == "__main__":

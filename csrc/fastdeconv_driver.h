@@ -2,6 +2,8 @@
 // between the matrix and spectral Newton-Schulz forms) in ATen, the per-element work in a `Kernels` class that
 // cpu/fastdeconv_cpu.cpp and cuda/fastdeconv_cuda.cu provide:
 //
+//   static bool moments(const PatchShape&, const at::Tensor& input, double eps, at::Tensor& mean,
+//                       at::Tensor& cov);   // the whole statistics in a few launches, or false (not offered)
 //   static void build_tile(const PatchShape&, int64_t n0, int64_t n1, const at::Tensor& input,
 //                          const at::Tensor& shift, at::Tensor& tile);      // patches of images n0..n1-1 (- shift)
 //   static void gather_input_grad(const PatchShape&, int64_t n0, int64_t n1, int64_t r0, int64_t rows,
@@ -24,6 +26,7 @@
 
 #include "aecr/newton_schulz.h"
 #include "aecr/patch_stats.h"
+#include "aecr/running_update.h"
 
 namespace aecr {
 
@@ -85,6 +88,28 @@ inline PatchShape make_patch_shape(const at::Tensor& input, at::IntArrayRef kern
   return s;
 }
 
+// Arguments of fastdeconv_update_running: buffers and statistics of one shape, dtype (float32 or float64) and
+// device; the buffers contiguous (they are updated in place).
+inline void check_running_update(const at::Tensor& running_mean, const at::Tensor& running_deconv,
+                                 const at::Tensor& mean, const at::Tensor& deconv) {
+  const char* op = "fastdeconv_update_running";
+  check_float_or_double(running_mean, op, "running_mean");
+  const std::pair<const at::Tensor*, const at::Tensor*> pairs[] = {{&running_mean, &mean},
+                                                                   {&running_deconv, &deconv}};
+  const char* names[] = {"mean", "deconv"};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& running = *pairs[i].first;
+    const at::Tensor& stat = *pairs[i].second;
+    TORCH_CHECK(stat.sizes() == running.sizes(), op, ": `", names[i], "` must have the shape of its running buffer ",
+                running.sizes(), ", got ", stat.sizes());
+    TORCH_CHECK(stat.scalar_type() == running_mean.scalar_type() && running.scalar_type() == running_mean.scalar_type(),
+                op, ": buffers and statistics must share one dtype");
+    TORCH_CHECK(stat.device() == running_mean.device() && running.device() == running_mean.device(), op,
+                ": buffers and statistics must be on one device");
+    TORCH_CHECK(running.is_contiguous(), op, ": the running buffers must be contiguous");
+  }
+}
+
 // Tiles of whole images, each holding about `budget` patch entries (at least one image).
 inline std::vector<std::pair<int64_t, int64_t>> image_tiles(const PatchShape& s, int64_t budget) {
   const int64_t per_image = std::max<int64_t>(1, (s.rows() + s.batch - 1) / s.batch * s.columns());
@@ -114,8 +139,9 @@ struct FastDeconvDriver {
                                                        double eps, int64_t budget) {
     const PatchShape s = make_patch_shape(input_, kernel_size, dilation, padding, sampling_stride, block, groups);
     const at::Tensor input = input_.contiguous();
-    const auto tiles = image_tiles(s, budget);
     at::Tensor shift, sum, cov;
+    if (K::moments(s, input, eps, shift, cov)) return {shift, cov};
+    const auto tiles = image_tiles(s, budget);
     for (size_t i = 0; i < tiles.size(); ++i) {
       at::Tensor tile = tile_of(s, tiles[i], input, shift);
       // Tile sums are pairwise reductions in the tile's dtype (no float64 copy of the tile).

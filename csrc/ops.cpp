@@ -37,4 +37,10 @@ TORCH_LIBRARY(aecr_ops, m) {
   // is what the backward needs besides a and result ([B, F+1, F] for F > 48: the eigenbasis; else empty).
   m.def("isqrt_newton_schulz(Tensor a, int n_iter) -> (Tensor result, Tensor saved)");
   m.def("isqrt_newton_schulz_backward(Tensor grad, Tensor a, Tensor result, Tensor saved, int n_iter) -> Tensor");
+  // FastDeconv's running update, in place: running = (1 - momentum) running + momentum stat for both buffers,
+  // unless a value of `mean` or `deconv` is not finite (then neither changes). Returns whether they were all
+  // finite, as a 0-dim bool tensor on their device (no synchronisation).
+  m.def(
+      "fastdeconv_update_running(Tensor(a!) running_mean, Tensor(b!) running_deconv, Tensor mean, Tensor deconv, "
+      "float momentum) -> Tensor");
 }

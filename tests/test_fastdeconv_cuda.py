@@ -26,6 +26,19 @@ def test_patch_statistics_cuda_matches_cpu(name, dtype):
     torch.testing.assert_close(gb.cpu(), ga, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+@pytest.mark.parametrize("shape", [(16, 3, 256, 256), (3, 8, 61, 47)])
+def test_two_launch_statistics_over_many_blocks(shape, offset):
+    # Many blocks whose row runs are not multiples of the 32 staged rows, merged in float64; a mean far from 0
+    # (offset 100, spread 0.1) checks the per-block shifts: without them float32 sums would cancel.
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.1 + offset
+    case = (*shape, (3, 3), (1, 1), (1, 1), 3, shape[1], 1)
+    mc, cc = ours_stats(x, case, 1e-5)
+    mg, cg = ours_stats(x.float().cuda(), case, 1e-5)
+    torch.testing.assert_close(mg.cpu().double(), mc, rtol=1e-6, atol=1e-6 * (1 + offset))
+    torch.testing.assert_close(cg.cpu().double(), cc, rtol=1e-3, atol=1e-3 * cc.abs().max().item())
+
+
 @pytest.mark.parametrize("f", [27, 48, 49, 576])
 def test_isqrt_cuda_matches_reference(f):
     a = spd(2, f, seed=f, cond=1e3)
@@ -70,3 +83,17 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.aecr_ops.patch_statistics.default, (x, [3, 3], [1, 1], [1, 1], 3, 4, 1, 1e-5))
     a = spd(2, 27).float().cuda().requires_grad_(True)
     torch.library.opcheck(torch.ops.aecr_ops.isqrt_newton_schulz.default, (a, 5))
+
+
+def test_non_finite_batch_on_cuda_is_reported_by_a_later_call_without_touching_the_buffers():
+    layer = aecr_ops.FastDeconv(3, 3, 3, padding=1).cuda()
+    layer(torch.rand(2, 3, 12, 12, device="cuda"))
+    mean, deconv = layer.running_mean.clone(), layer.running_deconv.clone()
+    x = torch.rand(2, 3, 12, 12, device="cuda")
+    x[0, 1, 3, 3] = float("nan")
+    layer(x)
+    torch.cuda.synchronize()
+    assert torch.equal(layer.running_mean, mean) and torch.equal(layer.running_deconv, deconv)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        layer(torch.rand(2, 3, 12, 12, device="cuda"))
+    assert not torch.equal(layer.running_mean, mean)

@@ -219,3 +219,47 @@ def test_double_backward_is_a_clear_error():
     (g,) = torch.autograd.grad(d.square().sum(), a, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()
+
+
+def _running_case(f=27, groups=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (f, f) if groups == 1 else (groups, f, f)
+    running_mean = torch.randn(f * groups, generator=g, dtype=torch.float64)
+    running_deconv = torch.randn(*shape, generator=g, dtype=torch.float64)
+    mean = torch.randn(f * groups, generator=g, dtype=torch.float64)
+    deconv = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return running_mean, running_deconv, mean, deconv
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_update_running_moves_both_buffers_by_momentum(groups):
+    running_mean, running_deconv, mean, deconv = _running_case(groups=groups)
+    expected = [r * (1 - 0.1) + s * 0.1 for r, s in ((running_mean, mean), (running_deconv, deconv))]
+    finite = torch.ops.aecr_ops.fastdeconv_update_running(running_mean, running_deconv, mean, deconv, 0.1)
+    assert finite.dtype == torch.bool and finite.shape == () and bool(finite)
+    torch.testing.assert_close(running_mean, expected[0], rtol=0, atol=1e-15)
+    torch.testing.assert_close(running_deconv, expected[1], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("where", ["mean", "deconv"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_update_running_leaves_both_buffers_alone_on_a_non_finite_statistic(where, bad):
+    running_mean, running_deconv, mean, deconv = _running_case()
+    before = running_mean.clone(), running_deconv.clone()
+    (mean if where == "mean" else deconv).view(-1)[5] = bad
+    finite = torch.ops.aecr_ops.fastdeconv_update_running(running_mean, running_deconv, mean, deconv, 0.1)
+    assert not bool(finite)
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_deconv, before[1])
+
+
+def test_update_running_rejects_mismatched_arguments():
+    running_mean, running_deconv, mean, deconv = _running_case()
+    with pytest.raises(RuntimeError, match="`deconv` must have the shape"):
+        torch.ops.aecr_ops.fastdeconv_update_running(running_mean, running_deconv, mean, deconv[:3], 0.1)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        torch.ops.aecr_ops.fastdeconv_update_running(running_mean, running_deconv, mean.float(), deconv, 0.1)
+
+
+def test_update_running_opcheck():
+    args = (*_running_case(f=9), 0.25)
+    torch.library.opcheck(torch.ops.aecr_ops.fastdeconv_update_running.default, args)

@@ -84,6 +84,9 @@ void for_each_patch(const PatchShape& s, int64_t n0, int64_t n1, const Body& bod
 }
 
 struct CpuKernels {
+  // The tiled path is the CPU's: its per-tile products are one MKL GEMM each.
+  static bool moments(const PatchShape&, const at::Tensor&, double, at::Tensor&, at::Tensor&) { return false; }
+
   // For each (patch, tap) the position is computed once for all channels.
   static void build_tile(const PatchShape& s, int64_t n0, int64_t n1, const at::Tensor& input,
                          const at::Tensor& shift, at::Tensor& tile) {
@@ -259,11 +262,34 @@ at::Tensor patch_statistics_backward_cpu(const at::Tensor& grad_mean, const at::
 
 }  // namespace
 
+at::Tensor fastdeconv_update_running_cpu(at::Tensor& running_mean, at::Tensor& running_deconv, const at::Tensor& mean,
+                                         const at::Tensor& deconv, double momentum) {
+  check_running_update(running_mean, running_deconv, mean, deconv);
+  const at::Tensor stats[] = {mean.contiguous(), deconv.contiguous()};
+  at::Tensor* buffers[] = {&running_mean, &running_deconv};
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "fastdeconv_update_running_cpu", [&] {
+    for (const at::Tensor& stat : stats) {
+      const scalar_t* p = stat.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < stat.numel(); ++i) finite = finite && finite_value(p[i]);
+    }
+    if (!finite) return;
+    for (int b = 0; b < 2; ++b) {
+      scalar_t* r = buffers[b]->data_ptr<scalar_t>();
+      const scalar_t* p = stats[b].data_ptr<scalar_t>();
+      const scalar_t keep = static_cast<scalar_t>(1.0 - momentum), m = static_cast<scalar_t>(momentum);
+      for (int64_t i = 0; i < stats[b].numel(); ++i) r[i] = running_update(r[i], p[i], keep, m);
+    }
+  });
+  return at::scalar_tensor(finite, mean.options().dtype(at::kBool));
+}
+
 TORCH_LIBRARY_IMPL(aecr_ops, CPU, m) {
   m.impl("patch_statistics", &patch_statistics_cpu);
   m.impl("patch_statistics_backward", &patch_statistics_backward_cpu);
   m.impl("isqrt_newton_schulz", &Driver::isqrt);
   m.impl("isqrt_newton_schulz_backward", &Driver::isqrt_backward);
+  m.impl("fastdeconv_update_running", &fastdeconv_update_running_cpu);
 }
 
 }  // namespace aecr

@@ -1,4 +1,6 @@
-// CUDA driver of deform_conv2d: one thread per sampling site (image, offset group, tap, pixel) around the
+// CUDA driver of deform_conv2d, the simple path (the reference of the implicit-GEMM path in
+// deform_conv_implicit.cu, which AECR_DCN_CUDA_PATH=implicit selects): one thread per sampling site (image,
+// offset group, tap, pixel) around the
 // per-element math of aecr/deform_conv.h; GEMMs through at::mm (cuBLAS; tensor cores for fp16/bf16, TF32
 // when PyTorch allows it).
 //
@@ -18,6 +20,9 @@
 #include <type_traits>
 
 #include "aecr/deform_conv.h"
+#include "cuda/cuda_launcher.cuh"
+#include "cuda/deform_conv_gather.cuh"
+#include "cuda/deform_conv_implicit.h"
 #include "cuda/launch.cuh"
 #include "deform_conv_args.h"
 
@@ -69,48 +74,6 @@ __global__ void col2im_atomic_kernel(DeformConvShape s, int64_t n, const V* offs
   }
 }
 
-// Deterministic input gradient, step 1: each (site, corner) becomes an entry with the key of the plane cell
-// it adds to, (image, offset group, cell), and the weight mask * bilinear weight. Corners outside the plane
-// get a key past every cell, so they sort last and belong to no cell.
-template <typename V>
-__global__ void scatter_entries_kernel(DeformConvShape s, int64_t n, const V* offset, const V* mask, int64_t* keys,
-                                       at::opmath_type<V>* weights) {
-  using T = at::opmath_type<V>;
-  const int64_t no_cell = n * s.offset_groups * s.plane();
-  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
-    const SamplingSite t = site_from_index(s, i);
-    const BilinearPoint<T> p = site_point<T>(s, t, offset);
-    const T m = site_mask<T>(s, t, mask);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const bool inside = p.weight[j] != T(0);
-      keys[4 * i + j] = inside ? (t.b * s.offset_groups + t.g) * s.plane() + p.index[j] : no_cell;
-      weights[4 * i + j] = inside ? m * p.weight[j] : T(0);
-    }
-  }
-}
-
-// Step 2 (after a stable sort of the keys): one thread per input cell sums its entries in sorted order.
-template <typename V>
-__global__ void gather_input_grad_kernel(DeformConvShape s, int64_t n, const int64_t* order, const int64_t* cell_start,
-                                         const at::opmath_type<V>* weights, const V* grad_columns, V* grad_input) {
-  using T = at::opmath_type<V>;
-  const int64_t cpg = s.channels_per_offset_group();
-  AECR_GRID_STRIDE_LOOP(i, 0, n * s.channels * s.plane()) {
-    const int64_t cell = i % s.plane();
-    const int64_t c = (i / s.plane()) % s.channels;
-    const int64_t b = i / (s.plane() * s.channels);
-    const int64_t key = (b * s.offset_groups + c / cpg) * s.plane() + cell;
-    T acc = T(0);
-    for (int64_t e = cell_start[key]; e < cell_start[key + 1]; ++e) {
-      const int64_t entry = order[e];
-      const SamplingSite t = site_from_index(s, entry / 4);
-      acc += weights[entry] * static_cast<T>(grad_columns[column_index(s, n, c, t.k, t.b, t.pixel)]);
-    }
-    grad_input[i] = static_cast<V>(acc);
-  }
-}
-
 void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 
 at::Tensor deform_conv2d_cuda(const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& offset_,
@@ -127,6 +90,9 @@ at::Tensor deform_conv2d_cuda(const at::Tensor& input_, const at::Tensor& weight
   const int64_t ck = s.channels / groups * s.taps(), og_out = out_channels / groups, P = s.pixels();
   at::Tensor output = at::empty({batch, out_channels, s.out_height, s.out_width}, input.options());
   if (output.numel() == 0) return output;
+  if (implicit_path_requested() && implicit_path_applies(input, weight, s, groups)) {
+    return deform_conv2d_implicit(s, input, weight, offset, mask, bias, groups);
+  }
 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor w = weight.view({groups, og_out, ck});
@@ -161,20 +127,7 @@ void input_grad_chunk(const DeformConvShape& s, int64_t n, const V* offset, cons
   using T = at::opmath_type<V>;
   const int64_t sites = n * s.offset_groups * s.taps() * s.pixels();
   if (at::globalContext().deterministicAlgorithms()) {
-    const auto index_options = grad_input.options().dtype(at::kLong);
-    at::Tensor keys = at::empty({4 * sites}, index_options);
-    at::Tensor weights = at::empty({4 * sites}, grad_input.options().dtype(c10::CppTypeToScalarType<T>::value));
-    scatter_entries_kernel<V><<<grid_for(sites), kThreads, 0, stream>>>(s, n, offset, mask, keys.data_ptr<int64_t>(),
-                                                                        weights.data_ptr<T>());
-    check_launch();
-    const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    const at::Tensor cells = at::arange(n * s.offset_groups * s.plane() + 1, index_options);
-    const at::Tensor cell_start = at::searchsorted(std::get<0>(sorted), cells);
-    const at::Tensor order = std::get<1>(sorted);
-    gather_input_grad_kernel<V><<<grid_for(grad_input.numel()), kThreads, 0, stream>>>(
-        s, n, order.data_ptr<int64_t>(), cell_start.data_ptr<int64_t>(), weights.data_ptr<T>(), grad_columns,
-        grad_input.data_ptr<V>());
-    check_launch();
+    deterministic_input_grad<V>(CudaLauncher{stream}, s, n, offset, mask, grad_columns, grad_input);
     return;
   }
   if constexpr (std::is_same<T, V>::value) {
@@ -213,6 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   if (batch == 0 || grad_output.numel() == 0) {
     return {grad_input, grad_weight_acc.to(weight.scalar_type()), grad_offset, grad_mask,
             grad_bias.to(weight.scalar_type())};
+  }
+  if (implicit_path_requested() && implicit_path_applies(input, weight, s, groups)) {
+    return deform_conv2d_backward_implicit(s, grad_output, input, weight, offset, mask, groups);
   }
 
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -1,7 +1,9 @@
 // CUDA kernels of FastDeconv's ops (patch statistics, Newton-Schulz); the algorithm is in fastdeconv_driver.h.
 //
-// The input gradient is a gather (one thread per input element sums the patch entries that read it), so it is
-// deterministic without atomics. The matrix form of Newton-Schulz runs one block per matrix in one launch.
+// The statistics (F <= 64) take two launches and never store the patches (cuda/patch_moments.cuh); larger F uses
+// the driver's tiles. The input gradient is a gather (one thread per input element sums the patch entries that
+// read it), so it is deterministic without atomics. The matrix form of Newton-Schulz runs one block per matrix in
+// one launch (cuda/newton_schulz_kernels.cuh).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,21 +16,17 @@
 
 #include "aecr/newton_schulz.h"
 #include "aecr/patch_stats.h"
+#include "cuda/cuda_launcher.cuh"
 #include "cuda/launch.cuh"
+#include "cuda/newton_schulz_kernels.cuh"
+#include "cuda/patch_moments.cuh"
+#include "cuda/running_update_kernel.cuh"
 #include "fastdeconv_driver.h"
 
 namespace aecr {
 namespace {
 
 constexpr int64_t kTileBudget = int64_t(1) << 26;  // patch entries per tile
-
-struct BlockSync {
-  AECR_HOST_DEVICE void operator()() const {
-#ifdef __CUDA_ARCH__
-    __syncthreads();
-#endif
-  }
-};
 
 template <typename V>
 __global__ void build_tile_kernel(PatchShape s, int64_t r0, int64_t rows, const V* input, const V* shift, V* tile) {
@@ -44,21 +42,6 @@ __global__ void gather_input_grad_kernel(PatchShape s, int64_t begin, int64_t en
 }
 
 template <typename V>
-__global__ void ns_forward_kernel(const V* a, const V* norm, V* out, V* work, int64_t f, int64_t n_iter) {
-  const int64_t b = blockIdx.x, ff = f * f;
-  ns_forward_program<V>(a + b * ff, norm[b], out + b * ff, work + b * kNsWorkMatrices * ff, f, n_iter, threadIdx.x,
-                        blockDim.x, BlockSync{});
-}
-
-template <typename V>
-__global__ void ns_backward_kernel(const V* a, const V* norm, const V* grad, V* grad_y0, V* work, int64_t f,
-                                   int64_t n_iter) {
-  const int64_t b = blockIdx.x, ff = f * f;
-  ns_backward_program<V>(a + b * ff, norm[b], grad + b * ff, grad_y0 + b * ff, work + b * kNsWorkMatrices * ff, f,
-                         n_iter, threadIdx.x, blockDim.x, BlockSync{});
-}
-
-template <typename V>
 __global__ void ns_spectral_values_kernel(const V* lambda, V* out, int64_t n, int64_t n_iter) {
   AECR_GRID_STRIDE_LOOP(i, 0, n) { out[i] = scalar_iteration<V>(lambda[i], n_iter); }
 }
@@ -71,11 +54,14 @@ __global__ void ns_divided_differences_kernel(const V* lambda, V* out, int64_t b
   }
 }
 
-int threads_for_matrix(int64_t f) {
-  return static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (f * f + 31) / 32 * 32)));
-}
-
 struct CudaKernels {
+  static bool moments(const PatchShape& s, const at::Tensor& input, double eps, at::Tensor& mean, at::Tensor& cov) {
+    if (s.features > kMomentMaxFeatures) return false;
+    const c10::cuda::CUDAGuard guard(input.device());
+    patch_moments(CudaLauncher{}, s, input, eps, mean, cov);
+    return true;
+  }
+
   static void build_tile(const PatchShape& s, int64_t n0, int64_t n1, const at::Tensor& input,
                          const at::Tensor& shift, at::Tensor& tile) {
     const c10::cuda::CUDAGuard guard(input.device());
@@ -103,31 +89,13 @@ struct CudaKernels {
 
   static at::Tensor ns_fused_forward(const at::Tensor& a, const at::Tensor& norm, int64_t n_iter) {
     const c10::cuda::CUDAGuard guard(a.device());
-    const int64_t batch = a.size(0), f = a.size(1);
-    at::Tensor out = at::empty_like(a);
-    at::Tensor work = at::empty({batch * kNsWorkMatrices * f * f}, a.options());
-    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ns_fused_forward_cuda", [&] {
-      ns_forward_kernel<scalar_t><<<batch, threads_for_matrix(f), 0, c10::cuda::getCurrentCUDAStream()>>>(
-          a.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), work.data_ptr<scalar_t>(), f,
-          n_iter);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    return out;
+    return ns_fused_forward_launch(CudaLauncher{}, a, norm, n_iter);
   }
 
   static at::Tensor ns_fused_backward(const at::Tensor& a, const at::Tensor& norm, const at::Tensor& grad,
                                       int64_t n_iter) {
     const c10::cuda::CUDAGuard guard(a.device());
-    const int64_t batch = a.size(0), f = a.size(1);
-    at::Tensor out = at::empty_like(a);
-    at::Tensor work = at::empty({batch * kNsWorkMatrices * f * f}, a.options());
-    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ns_fused_backward_cuda", [&] {
-      ns_backward_kernel<scalar_t><<<batch, threads_for_matrix(f), 0, c10::cuda::getCurrentCUDAStream()>>>(
-          a.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-          work.data_ptr<scalar_t>(), f, n_iter);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    return out;
+    return ns_fused_backward_launch(CudaLauncher{}, a, norm, grad, n_iter);
   }
 
   static at::Tensor ns_spectral_values(const at::Tensor& lambda_, int64_t n_iter) {
@@ -187,6 +155,13 @@ at::Tensor isqrt_newton_schulz_backward_cuda(const at::Tensor& grad, const at::T
   return Driver::isqrt_backward(grad, a, result, saved, n_iter);
 }
 
+at::Tensor fastdeconv_update_running_cuda(at::Tensor& running_mean, at::Tensor& running_deconv,
+                                          const at::Tensor& mean, const at::Tensor& deconv, double momentum) {
+  check_running_update(running_mean, running_deconv, mean, deconv);
+  const c10::cuda::CUDAGuard guard(mean.device());
+  return running_update_launch(CudaLauncher{}, running_mean, running_deconv, mean, deconv, momentum);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aecr_ops, CUDA, m) {
@@ -194,6 +169,7 @@ TORCH_LIBRARY_IMPL(aecr_ops, CUDA, m) {
   m.impl("patch_statistics_backward", &patch_statistics_backward_cuda);
   m.impl("isqrt_newton_schulz", &isqrt_newton_schulz_cuda);
   m.impl("isqrt_newton_schulz_backward", &isqrt_newton_schulz_backward_cuda);
+  m.impl("fastdeconv_update_running", &fastdeconv_update_running_cuda);
 }
 
 }  // namespace aecr

@@ -1,0 +1,81 @@
+// Deterministic input gradient of deform_conv2d on CUDA, shared by the simple and the implicit-GEMM paths:
+// the scatter of the column gradient into the input planes becomes a stable sort of the scatter targets and a
+// gather in fixed order, which gives bitwise reproducible results (no atomics).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <tuple>
+
+#include "aecr/deform_conv.h"
+#include "cuda/launch.cuh"
+
+namespace aecr {
+namespace {
+
+// Deterministic input gradient, step 1: each (site, corner) becomes an entry with the key of the plane cell
+// it adds to, (image, offset group, cell), and the weight mask * bilinear weight. Corners outside the plane
+// get a key past every cell, so they sort last and belong to no cell.
+template <typename V>
+__global__ void scatter_entries_kernel(DeformConvShape s, int64_t n, const V* offset, const V* mask, int64_t* keys,
+                                       at::opmath_type<V>* weights) {
+  using T = at::opmath_type<V>;
+  const int64_t no_cell = n * s.offset_groups * s.plane();
+  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
+    const SamplingSite t = site_from_index(s, i);
+    const BilinearPoint<T> p = site_point<T>(s, t, offset);
+    const T m = site_mask<T>(s, t, mask);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const bool inside = p.weight[j] != T(0);
+      keys[4 * i + j] = inside ? (t.b * s.offset_groups + t.g) * s.plane() + p.index[j] : no_cell;
+      weights[4 * i + j] = inside ? m * p.weight[j] : T(0);
+    }
+  }
+}
+
+// Step 2 (after a stable sort of the keys): one thread per input cell sums its entries in sorted order.
+template <typename V>
+__global__ void gather_input_grad_kernel(DeformConvShape s, int64_t n, const int64_t* order, const int64_t* cell_start,
+                                         const at::opmath_type<V>* weights, const V* grad_columns, V* grad_input) {
+  using T = at::opmath_type<V>;
+  const int64_t cpg = s.channels_per_offset_group();
+  AECR_GRID_STRIDE_LOOP(i, 0, n * s.channels * s.plane()) {
+    const int64_t cell = i % s.plane();
+    const int64_t c = (i / s.plane()) % s.channels;
+    const int64_t b = i / (s.plane() * s.channels);
+    const int64_t key = (b * s.offset_groups + c / cpg) * s.plane() + cell;
+    T acc = T(0);
+    for (int64_t e = cell_start[key]; e < cell_start[key + 1]; ++e) {
+      const int64_t entry = order[e];
+      const SamplingSite t = site_from_index(s, entry / 4);
+      acc += weights[entry] * static_cast<T>(grad_columns[column_index(s, n, c, t.k, t.b, t.pixel)]);
+    }
+    grad_input[i] = static_cast<V>(acc);
+  }
+}
+
+// grad_input (the chunk's n images, [n, C, H, W]) from the column gradient [C*K, n*P] of the same images.
+// `offset` and `mask` point at the chunk's first image; `launch` as in deform_conv_implicit_driver.h.
+template <typename V, class L>
+void deterministic_input_grad(const L& launch, const DeformConvShape& s, int64_t n, const V* offset, const V* mask,
+                              const V* grad_columns, at::Tensor grad_input) {
+  using T = at::opmath_type<V>;
+  const int64_t sites = n * s.offset_groups * s.taps() * s.pixels();
+  const auto index_options = grad_input.options().dtype(at::kLong);
+  at::Tensor keys = at::empty({4 * sites}, index_options);
+  at::Tensor weights = at::empty({4 * sites}, grad_input.options().dtype(c10::CppTypeToScalarType<T>::value));
+  launch(scatter_entries_kernel<V>, dim3(grid_for(sites)), dim3(kThreads), s, n, offset, mask,
+         keys.data_ptr<int64_t>(), weights.data_ptr<T>());
+  const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor cells = at::arange(n * s.offset_groups * s.plane() + 1, index_options);
+  const at::Tensor cell_start = at::searchsorted(std::get<0>(sorted), cells);
+  const at::Tensor order = std::get<1>(sorted);
+  launch(gather_input_grad_kernel<V>, dim3(grid_for(grad_input.numel())), dim3(kThreads), s, n,
+         order.data_ptr<int64_t>(), cell_start.data_ptr<int64_t>(), weights.data_ptr<T>(), grad_columns,
+         grad_input.data_ptr<V>());
+}
+
+}  // namespace
+}  // namespace aecr

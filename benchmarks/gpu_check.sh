@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check (a lent H100/H200): build with the CUDA kernels, run the CUDA tests, compute-sanitizer memcheck
-# on a small case of every kernel, benchmark the AECR-Net DCN shape (B16, 256->256, 64x64, 3x3) in fp32 and bf16
-# against torchvision and cuDNN conv2d, a FastDeconv training step against the original algorithm, and an
-# AECR-Net training step (batch 16, 240x240, L1 + CR) and 1080p inference against the same network built from
-# torchvision's deform_conv2d and the original FastDeconv.
-# Results: $OUT/gpu_check.json (+ logs). About 6 minutes; at most 8.
+# The GPU check (a lent H100/H200): build with the CUDA kernels, run the CUDA tests (both DCN paths),
+# compute-sanitizer memcheck on a small case of every kernel, benchmark the AECR-Net DCN shape (B16, 256->256,
+# 64x64, 3x3) in fp32, TF32 and bf16 (simple and implicit-GEMM paths, each also deterministic) against
+# torchvision and cuDNN conv2d, a FastDeconv training step against the original algorithm, and an AECR-Net
+# training step (batch 16, 240x240, L1 + CR; fp32, TF32, bf16 autocast) and 1080p inference against the same
+# network built from torchvision's deform_conv2d and the original FastDeconv.
+# Results: $OUT/gpu_check.json (+ logs), with `targets`: each GPU target of the performance issue, met or not.
+# About 6 minutes; at most 8.
 #
 #   bash benchmarks/gpu_check.sh          (OUT defaults to ./gpu_check_out)
 # Then copy gpu_check.json to benchmarks/results/<date>-<gpu>.json and commit it.

@@ -260,8 +260,6 @@ at::Tensor patch_statistics_backward_cpu(const at::Tensor& grad_mean, const at::
                                      sampling_stride, block, groups, kTileBudget);
 }
 
-}  // namespace
-
 at::Tensor fastdeconv_update_running_cpu(at::Tensor& running_mean, at::Tensor& running_deconv, const at::Tensor& mean,
                                          const at::Tensor& deconv, double momentum) {
   check_running_update(running_mean, running_deconv, mean, deconv);
@@ -283,6 +281,8 @@ at::Tensor fastdeconv_update_running_cpu(at::Tensor& running_mean, at::Tensor& r
   });
   return at::scalar_tensor(finite, mean.options().dtype(at::kBool));
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(aecr_ops, CPU, m) {
   m.impl("patch_statistics", &patch_statistics_cpu);

@@ -1,8 +1,7 @@
 // CUDA driver of deform_conv2d, the simple path (the reference of the implicit-GEMM path in
 // deform_conv_implicit.cu, which AECR_DCN_CUDA_PATH=implicit selects): one thread per sampling site (image,
-// offset group, tap, pixel) around the
-// per-element math of aecr/deform_conv.h; GEMMs through at::mm (cuBLAS; tensor cores for fp16/bf16, TF32
-// when PyTorch allows it).
+// offset group, tap, pixel) around the per-element math of aecr/deform_conv.h; GEMMs through at::mm (cuBLAS;
+// tensor cores for fp16/bf16, TF32 when PyTorch allows it).
 //
 // Coordinates, bilinear weights and sums are in at::opmath_type (fp32 for fp16/bf16). The input gradient is
 // a scatter: by default with atomics into an fp32 (fp64) buffer; under torch.use_deterministic_algorithms(True)

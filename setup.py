@@ -17,7 +17,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
+# nvcc flags of the CUDA sources (benchmarks/cuda_resources.py reads both constants from this file).
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 
 def fail(message):
@@ -128,7 +130,7 @@ def main():
             include_dirs.append(os.path.abspath(pip_cuda))
         extension = CUDAExtension(
             "aecr_ops._C", sources, include_dirs=include_dirs, extra_link_args=link_flags,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": list(NVCC_FLAGS)})
     else:
         extension = CppExtension("aecr_ops._C", sources, include_dirs=include_dirs, extra_link_args=link_flags,
                                  extra_compile_args={"cxx": cxx_flags})

@@ -1,6 +1,8 @@
 """FastDeconv (network deconvolution, Ye et al., ICLR 2020): the ops' functional API and the layer."""
+import collections
+import threading
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +90,95 @@ def isqrt_newton_schulz(a: Tensor, n_iter: int = 5) -> Tensor:
     return torch.ops.aecr_ops.isqrt_newton_schulz(a, n_iter)[0]
 
 
+_PENDING_LIMIT = 16  # CUDA verdicts a FastDeconv layer lets the host run ahead by before waiting for one
+
+
+class _PendingVerdicts:
+    """The finiteness verdicts of CUDA batches that have not come back yet, oldest first.
+
+    Each entry is ``(flag, event)``: once ``event`` has completed, ``bool(flag)`` is the verdict (True: finite).
+    Events need only ``query()`` and ``synchronize()``, so that the queue can be tested with fake ones. Every
+    verdict is handed back exactly once, by :meth:`poll` as soon as its event has completed (whatever the
+    state of older ones: events of different streams or devices complete in any order) or by :meth:`push`,
+    which waits for the oldest entries while more than ``limit`` are queued, so that a host far ahead of the
+    GPU keeps a bounded queue. Thread-safe (DataParallel's replicas share their module's queue). Copies and
+    pickles are empty queues: events neither copy nor pickle, and a copy must not report the original's batches.
+    """
+
+    def __init__(self, limit: int = _PENDING_LIMIT):
+        if not isinstance(limit, int) or limit < 1:
+            raise ArgumentError(f"_PendingVerdicts: `limit` must be a positive int, got {limit!r}")
+        self.limit = limit
+        self._entries = collections.deque()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __reduce__(self):
+        return _PendingVerdicts, (self.limit,)
+
+    def push(self, flag, event) -> List[bool]:
+        """Queues a verdict; returns, oldest first, those it waited for to bring the queue back to ``limit``."""
+        with self._lock:
+            self._entries.append((flag, event))
+            overflow = []
+            while len(self._entries) > self.limit:
+                overflow.append(self._entries.popleft())
+        verdicts = []
+        for flag, event in overflow:
+            event.synchronize()
+            verdicts.append(bool(flag))
+        return verdicts
+
+    def poll(self, wait: bool = False) -> List[bool]:
+        """Removes and returns, oldest first, the verdicts whose events have completed (all of them, after
+        waiting for each, when ``wait``)."""
+        with self._lock:
+            entries, self._entries = self._entries, collections.deque()
+            done = []
+            for flag, event in entries:
+                if not wait and not event.query():
+                    self._entries.append((flag, event))
+                else:
+                    done.append((flag, event))
+        verdicts = []
+        for flag, event in done:
+            if wait:
+                event.synchronize()
+            verdicts.append(bool(flag))
+        return verdicts
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether this thread is capturing a CUDA graph, on the current stream of the current device or of
+    ``device`` (a CUDA graph capture in global mode forbids querying or waiting for events)."""
+    if not torch.cuda.is_initialized():  # also keeps CPU-only builds and machines without a driver out
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return True
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _queue_cuda_verdict(finite: Tensor):
+    """Starts bringing a CUDA verdict back: ``(pinned flag, event)``, both the copy and the event on the current
+    stream of ``finite``'s device (not of the current device, which may be another one); None while a CUDA graph
+    is being captured (neither a per-step pinned buffer nor an event can be captured)."""
+    device = finite.device
+    if _capturing(device):
+        return None
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return flag, event
+
+
 class FastDeconv(nn.Module):
     """Network deconvolution: a convolution whose input patches are whitened (Ye et al., ICLR 2020).
 
@@ -101,9 +192,18 @@ class FastDeconv(nn.Module):
     ``freeze_iter`` calls when ``freeze=True``: the same with the running buffers; the layer is then a plain
     convolution whose folded weight is computed once and reused until the parameters or buffers change.
 
-    Unlike the original: a batch whose statistics are not finite does not touch the running buffers (a
-    RuntimeWarning says so, on CUDA from a later call, since the check does not wait for the GPU; the output of
+    Unlike the original: a batch whose statistics are not finite does not touch the running buffers (the output of
     that batch is what the statistics make it); ``bias=False`` works; an empty batch leaves the statistics alone.
+
+    Each non-finite batch gives one RuntimeWarning. On the CPU it comes from the call itself. On CUDA the check
+    does not wait for the GPU: its verdict is copied back asynchronously, on the current stream of the layer's
+    device, and the warning (which says it is reported late) comes from the first later call that finds it
+    back, however many calls later; a host running ahead of the GPU waits for the oldest verdict only once
+    more than 16 of this layer's are outstanding. The last batches' verdicts are reported only if the layer is
+    called again. Two cases skip the check on the host, the running buffers staying protected (one kernel
+    updates both or neither) but nothing being reported: under ``torch.compile``, and while a CUDA graph is
+    being captured (``torch.cuda.graph``), since neither can hold the per-step pinned flag and event; replays of
+    such a graph are not reported either.
 
     Shapes: ``forward(x [N, C_in, H, W]) -> [N, C_out, Ho, Wo]`` as ``nn.Conv2d``.
 
@@ -151,7 +251,7 @@ class FastDeconv(nn.Module):
         # Training calls modulo 10*freeze_iter; a tensor so that torch.compile does not recompile as it counts.
         self.register_buffer("counter", torch.zeros((), dtype=torch.long), persistent=False)
         self._fold_cache = None
-        self._pending_finite = None  # CUDA: (pinned flag, event) of the last batch's finiteness check
+        self._verdicts = _PendingVerdicts()  # CUDA: the finiteness checks not yet back (not copied with the layer)
 
     def forward(self, x: Tensor) -> Tensor:
         autocast = torch.is_autocast_enabled(x.device.type) if isinstance(x, Tensor) else False
@@ -161,8 +261,8 @@ class FastDeconv(nn.Module):
         if not autocast and x.dtype != self.weight.dtype:
             raise ArgumentTypeError(f"FastDeconv: `x` has dtype {x.dtype} but the layer is {self.weight.dtype}; "
                                     f"convert one of them (e.g. layer.to({x.dtype}))")
-        if self._pending_finite is not None:
-            self._report_non_finite(wait=False)
+        if not torch.compiler.is_compiling() and len(self._verdicts):
+            self._report_non_finite(x.device)
         frozen = self.freeze and bool(self.counter > self.freeze_iter)
         if self.training:
             with torch.no_grad():
@@ -194,36 +294,36 @@ class FastDeconv(nn.Module):
         if torch.compiler.is_compiling():
             return
         if finite.is_cuda:
-            self._report_non_finite(wait=False)
-            # No synchronisation per step: the flag comes back asynchronously and is reported by a later call.
-            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            flag.copy_(finite, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending_finite = (flag, event)
+            # No synchronisation per step: the verdict comes back asynchronously and a later call reports it.
+            pending = _queue_cuda_verdict(finite)
+            if pending is not None:  # None while a CUDA graph is being captured
+                for ok in self._verdicts.push(*pending):
+                    if not ok:
+                        self._warn_non_finite(late=True)
         elif not bool(finite):
-            self._warn_non_finite()
+            self._warn_non_finite(late=False)
 
-    def __getstate__(self):
-        # A pending CUDA check (an event) neither pickles nor deep-copies: copies start without it.
-        state = dict(super().__getstate__())
-        state["_pending_finite"] = None
-        return state
+    def __setstate__(self, state):
+        # Pickles of earlier versions hold `_pending_finite` (always None there) instead of the queue.
+        state = dict(state)
+        state.pop("_pending_finite", None)
+        state.setdefault("_verdicts", _PendingVerdicts())
+        super().__setstate__(state)
 
-    def _report_non_finite(self, wait: bool) -> None:
-        """Warns about a non-finite CUDA batch whose check has come back (or waits for it when ``wait``)."""
-        if self._pending_finite is None:
+    def _report_non_finite(self, device: torch.device, wait: bool = False) -> None:
+        """Warns once for each non-finite CUDA batch whose verdict has come back (all of them, waiting, when
+        ``wait``); nothing while a CUDA graph is being captured, where events can be neither queried nor waited
+        for."""
+        if _capturing(device):
             return
-        flag, event = self._pending_finite
-        if not wait and not event.query():
-            return
-        event.synchronize()
-        self._pending_finite = None
-        if not bool(flag):
-            self._warn_non_finite(" (reported late: CUDA checks do not wait for the GPU)")
+        for ok in self._verdicts.poll(wait):
+            if not ok:
+                self._warn_non_finite(late=True)
 
     @staticmethod
-    def _warn_non_finite(note: str = "") -> None:
+    def _warn_non_finite(late: bool) -> None:
+        # Called from a method that forward calls, so that stacklevel 4 names the same frame for every warning.
+        note = " (reported late: CUDA checks do not wait for the GPU)" if late else ""
         warnings.warn("FastDeconv: the batch statistics are not finite (NaN or inf in the input?); the running "
                       f"buffers were left unchanged{note}", RuntimeWarning, stacklevel=4)
 

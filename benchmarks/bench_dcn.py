@@ -8,8 +8,18 @@ bias), median of several runs, all measured in the same process so the ratios co
     python benchmarks/bench_dcn.py --device cuda --dtype float32 --tf32     # TF32 allowed in matmuls and cuDNN
     python benchmarks/bench_dcn.py --json results.json
 
-On CUDA both paths of aecr_ops are measured (AECR_DCN_CUDA_PATH=simple / implicit), each also under
+On CUDA both paths of aecr_ops are asked for (AECR_DCN_CUDA_PATH=simple / implicit), each also under
 torch.use_deterministic_algorithms(True): aecr_ops_simple, aecr_ops_implicit, and the same with _deterministic.
+Each measured entry says which path really ran ("path"); a variant whose path does not apply (implicit in fp32
+without TF32, or below compute capability 8.0) is not measured again under another name but recorded as
+{"not_applicable": "not applicable: runs the simple path"}.
+
+Each implementation is measured on its own: one that fails is recorded ({"unsupported": message} when the
+library has no kernel for the dtype, {"error": message} otherwise) and the others still run; with --json the file
+is rewritten after every implementation, so an interrupted run keeps what it measured. torchvision has no
+bfloat16 (nor, on the CPU, float16) kernel: it is then also measured in float32 on the same values
+("torchvision_float32"), the row says "baseline_dtype": "float32", and the speed-ups are against that. Exit code
+1 when any implementation failed with an error (not for "unsupported" or "not applicable").
 """
 import argparse
 import contextlib
@@ -49,7 +59,7 @@ def timer(device, fn, warmup, repeat):
         fn()
     sync()
     times = []
-    for _ in range(repeat):
+    for _ in range(max(1, repeat)):
         start = time.perf_counter()
         fn()
         sync()
@@ -58,7 +68,11 @@ def timer(device, fn, warmup, repeat):
 
 
 def implementations():
-    import torchvision
+    """name -> fn(x, offset, weight, bias, mask); torchvision's entry is None when it is not installed."""
+    try:
+        import torchvision
+    except ImportError:
+        torchvision = None
 
     def ours(x, offset, weight, bias, mask):
         return aecr_ops.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
@@ -69,10 +83,10 @@ def implementations():
     def conv(x, offset, weight, bias, mask):
         return F.conv2d(x, weight, bias, padding=1)
 
-    return {"aecr_ops": ours, "torchvision": tv, "conv2d": conv}
+    return {"aecr_ops": ours, "torchvision": tv if torchvision is not None else None, "conv2d": conv}
 
 
-# name -> (CUDA path, deterministic) for the variants of aecr_ops measured on CUDA.
+# name -> (CUDA path asked for, deterministic) for the variants of aecr_ops measured on CUDA.
 CUDA_VARIANTS = {
     "aecr_ops_simple": ("simple", False),
     "aecr_ops_simple_deterministic": ("simple", True),
@@ -83,9 +97,10 @@ CUDA_VARIANTS = {
 
 @contextlib.contextmanager
 def cuda_variant(path, deterministic):
-    """AECR_DCN_CUDA_PATH and deterministic mode for the forward and backward of one measurement."""
+    """AECR_DCN_CUDA_PATH (None: left alone) and deterministic mode for the forward and backward of one measurement."""
     previous = os.environ.get("AECR_DCN_CUDA_PATH")
-    os.environ["AECR_DCN_CUDA_PATH"] = path
+    if path is not None:
+        os.environ["AECR_DCN_CUDA_PATH"] = path
     torch.use_deterministic_algorithms(deterministic)
     try:
         yield
@@ -97,7 +112,47 @@ def cuda_variant(path, deterministic):
             os.environ["AECR_DCN_CUDA_PATH"] = previous
 
 
-def measure(name, fn, tensors, device, warmup, repeat):
+def dcn_path_by_documented_rule(device_type, dtype, requested, allow_tf32, capability_major):
+    """The path deform_conv2d takes by the rule the README documents: "cpu", "simple" or "implicit".
+
+    Used only where aecr_ops has no deform_conv2d_path. On CUDA, "implicit" applies to float16/bfloat16, and to
+    float32 when TF32 matmuls are allowed, on compute capability 8.0 or newer; anything else runs "simple". (The
+    C++ also falls back for grids beyond CUDA's limits, which this rule cannot see; benchmark shapes are far
+    below them.)
+    """
+    if device_type != "cuda":
+        return "cpu"
+    if requested != "implicit":
+        return "simple"
+    tensor_cores = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and bool(allow_tf32))
+    return "implicit" if tensor_cores and capability_major is not None and capability_major >= 8 else "simple"
+
+
+def dcn_path_that_runs(input, offset, weight, mask=None, stride=1, padding=0, dilation=1):
+    """The path aecr_ops.deform_conv2d would run for these arguments now ("cpu", "simple" or "implicit").
+
+    aecr_ops.deform_conv2d_path when the extension has it, else dcn_path_by_documented_rule.
+    """
+    if hasattr(aecr_ops, "deform_conv2d_path"):
+        return aecr_ops.deform_conv2d_path(input, offset, weight, mask=mask, stride=stride, padding=padding,
+                                           dilation=dilation)
+    capability = torch.cuda.get_device_capability(input.device)[0] if input.is_cuda else None
+    return dcn_path_by_documented_rule(input.device.type, input.dtype, os.environ.get("AECR_DCN_CUDA_PATH"),
+                                       torch.backends.cuda.matmul.allow_tf32, capability)
+
+
+def failure_entry(error):
+    """{"unsupported": message} when the library has no kernel for this dtype/device, else {"error": message}."""
+    message = f"{type(error).__name__}: {error}".strip()
+    if len(message) > 600:
+        message = message[:600] + " ..."
+    text = str(error)
+    if isinstance(error, (NotImplementedError, aecr_ops.ArgumentTypeError)) or "not implemented for" in text:
+        return {"unsupported": message}
+    return {"error": message}
+
+
+def measure(fn, tensors, device, warmup, repeat):
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     grad = torch.randn_like(fn(*tensors))
 
@@ -114,6 +169,119 @@ def measure(name, fn, tensors, device, warmup, repeat):
             "forward_backward_s": timer(device, forward_backward, warmup, repeat)}
 
 
+def measured(entry):
+    return isinstance(entry, dict) and "forward_backward_s" in entry
+
+
+def torchvision_baseline(row):
+    """The name of the torchvision entry the speed-ups of this row are against, or None."""
+    for name in ("torchvision", "torchvision_float32"):
+        if measured(row.get(name)):
+            return name
+    return None
+
+
+def add_ratios(row, ours_names):
+    """Speed-ups against torchvision, ratios to conv2d and deterministic/default, on every measured entry of ours."""
+    baseline = torchvision_baseline(row)
+    row["torchvision_baseline"] = baseline
+    row["baseline_dtype"] = "float32" if baseline == "torchvision_float32" else row["dtype"]
+    for name in ours_names:
+        ours = row.get(name)
+        if not measured(ours):
+            continue
+        if baseline:
+            tv = row[baseline]
+            ours["speedup_vs_torchvision_forward"] = tv["forward_s"] / ours["forward_s"]
+            ours["speedup_vs_torchvision_forward_backward"] = tv["forward_backward_s"] / ours["forward_backward_s"]
+        if measured(row.get("conv2d")):
+            ours["ratio_to_conv2d_forward"] = ours["forward_s"] / row["conv2d"]["forward_s"]
+            ours["ratio_to_conv2d_forward_backward"] = ours["forward_backward_s"] / row["conv2d"]["forward_backward_s"]
+        default = name[:-len("_deterministic")] if name.endswith("_deterministic") else None
+        if default and measured(row.get(default)):
+            ours["ratio_to_default_forward_backward"] = (ours["forward_backward_s"]
+                                                         / row[default]["forward_backward_s"])
+
+
+def release_cuda_memory(device):
+    """Frees cached blocks after a failed measurement; never raises (after a sticky CUDA error nothing works)."""
+    if device != "cuda":
+        return
+    try:
+        torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def write_json_atomic(path, document):
+    """Writes a JSON file through a temporary file in the same folder and os.replace: never half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def describe_entry(entry):
+    if measured(entry):
+        return None
+    for key in ("not_applicable", "unsupported", "error"):
+        if key in entry:
+            return entry[key] if key == "not_applicable" else f"{key}: {entry[key]}"
+    return "?"
+
+
+def print_entry(text, name, entry, ours_names):
+    note = describe_entry(entry)
+    if note is not None:
+        print(f"{text:>12} {name:>32}   {note[:150]}", flush=True)
+        return
+    extra = ""
+    if name in ours_names:
+        extra = (f" {entry.get('speedup_vs_torchvision_forward', float('nan')):>12.2f}"
+                 f" {entry.get('speedup_vs_torchvision_forward_backward', float('nan')):>12.2f}"
+                 f" {entry.get('ratio_to_conv2d_forward_backward', float('nan')):>14.2f}"
+                 f" {entry.get('path', ''):>9}")
+    print(f"{text:>12} {name:>32} {1e3 * entry['forward_s']:>9.2f} {1e3 * entry['forward_backward_s']:>11.2f}{extra}",
+          flush=True)
+
+
+def run_row(text, args, dtype, impls, ours_names, save):
+    """Measures every implementation on one shape; save(row) after each one."""
+    tensors = make_problem(*parse_shape(text), dtype=dtype, device=args.device)
+    row = {"shape": text, "dtype": args.dtype, "device": args.device, "tf32": args.tf32}
+    for name, (fn, variant) in impls.items():
+        try:
+            if fn is None:
+                row[name] = {"unsupported": "torchvision is not installed"}
+            elif variant is None:
+                row[name] = measure(fn, tensors, args.device, args.warmup, args.repeat)
+            else:
+                requested, deterministic = variant
+                with cuda_variant(requested, deterministic):
+                    x, offset, weight, _, mask = tensors
+                    path = dcn_path_that_runs(x, offset, weight, mask=mask, padding=1)
+                    if requested is not None and path != requested:
+                        row[name] = {"not_applicable": f"not applicable: runs the {path} path", "would_run": path}
+                    else:
+                        row[name] = {"path": path, **measure(fn, tensors, args.device, args.warmup, args.repeat)}
+        except Exception as error:  # noqa: BLE001 - one implementation failing must not lose the others
+            row[name] = failure_entry(error)
+            release_cuda_memory(args.device)
+        if name == "torchvision" and "unsupported" in row[name] and args.dtype in ("float16", "bfloat16"):
+            # torchvision has no kernel for this dtype: the same values in float32 are the baseline.
+            try:
+                row["torchvision_float32"] = measure(fn, [t.float() for t in tensors], args.device, args.warmup,
+                                                     args.repeat)
+            except Exception as error:  # noqa: BLE001
+                row["torchvision_float32"] = failure_entry(error)
+        add_ratios(row, ours_names)
+        save(row)
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -123,7 +291,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out (e.g. torchvision)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in matmuls (and cuDNN) for float32")
-    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--json", help="write the results to this file (rewritten after every implementation)")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
@@ -132,52 +300,37 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
     base = implementations()
-    variants = {"aecr_ops": (None, False)}
-    if args.device == "cuda":
-        variants = dict(CUDA_VARIANTS)
+    variants = dict(CUDA_VARIANTS) if args.device == "cuda" else {"aecr_ops": (None, False)}
     impls = {name: (base["aecr_ops"], variant) for name, variant in variants.items()}
     impls.update({k: (v, None) for k, v in base.items() if k != "aecr_ops"})
     impls = {k: v for k, v in impls.items() if k not in args.skip}
     ours_names = [k for k in impls if k.startswith("aecr_ops")]
     results = []
-    header = f"{'shape':>12} {'impl':>32} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tv/ours fwd':>12} {'tv/ours f+b':>12} " \
-             f"{'ours/conv f+b':>14}"
-    print(f"device {args.device} ({describe_device(args.device)}), dtype {args.dtype}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
-    print(header)
+    machine = machine_info(args.device)
+
+    def save(current=None, complete=False):
+        if args.json:
+            rows = results + ([current] if current is not None else [])
+            write_json_atomic(args.json, {"benchmark": "deform_conv2d", "machine": machine, "complete": complete,
+                                          "results": rows})
+
+    print(f"device {args.device} ({machine['device']}), dtype {args.dtype}, tf32 {args.tf32}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    print(f"{'shape':>12} {'impl':>32} {'fwd ms':>9} {'fwd+bwd ms':>11} {'tv/ours fwd':>12} {'tv/ours f+b':>12} "
+          f"{'ours/conv f+b':>14} {'path':>9}", flush=True)
+    save()
     for text in shapes:
-        tensors = make_problem(*parse_shape(text), dtype=dtype, device=args.device)
-        row = {"shape": text, "dtype": args.dtype, "device": args.device, "tf32": args.tf32}
-        for name, (fn, variant) in impls.items():
-            with cuda_variant(*variant) if variant and variant[0] else contextlib.nullcontext():
-                row[name] = measure(name, fn, tensors, args.device, args.warmup, args.repeat)
-        for name in ours_names:
-            ours = row[name]
-            if "torchvision" in row:
-                ours["speedup_vs_torchvision_forward"] = row["torchvision"]["forward_s"] / ours["forward_s"]
-                ours["speedup_vs_torchvision_forward_backward"] = (row["torchvision"]["forward_backward_s"]
-                                                                   / ours["forward_backward_s"])
-            if "conv2d" in row:
-                ours["ratio_to_conv2d_forward"] = ours["forward_s"] / row["conv2d"]["forward_s"]
-                ours["ratio_to_conv2d_forward_backward"] = (ours["forward_backward_s"]
-                                                            / row["conv2d"]["forward_backward_s"])
-            default = name[:-len("_deterministic")] if name.endswith("_deterministic") else None
-            if default in row:
-                ours["ratio_to_default_forward_backward"] = (ours["forward_backward_s"]
-                                                             / row[default]["forward_backward_s"])
-        for name in impls:
-            extra = ""
-            if name in ours_names:
-                extra = (f" {row[name].get('speedup_vs_torchvision_forward', float('nan')):>12.2f}"
-                         f" {row[name].get('speedup_vs_torchvision_forward_backward', float('nan')):>12.2f}"
-                         f" {row[name].get('ratio_to_conv2d_forward_backward', float('nan')):>14.2f}")
-            print(f"{text:>12} {name:>32} {1e3 * row[name]['forward_s']:>9.2f} "
-                  f"{1e3 * row[name]['forward_backward_s']:>11.2f}{extra}")
+        row = run_row(text, args, dtype, impls, ours_names, save)
         results.append(row)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "deform_conv2d", "machine": machine_info(args.device), "results": results}, f,
-                      indent=2)
+        for name in [k for k in row if k in impls or k == "torchvision_float32"]:
+            print_entry(text, name, row[name], ours_names)
+        if row.get("torchvision_baseline") == "torchvision_float32":
+            print(f"{text:>12} speed-ups against torchvision in float32 (no {args.dtype} kernel)", flush=True)
+    save(complete=True)
+    errors = [(row["shape"], k) for row in results for k, v in row.items() if isinstance(v, dict) and "error" in v]
+    if errors:
+        print(f"failed: {errors}", flush=True)
+    return 1 if errors else 0
 
 
 def describe_device(device):
@@ -199,4 +352,4 @@ def machine_info(device):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -7,6 +7,10 @@ the peak resident set during one step, each layer in a fresh process (CPU), or t
 
     python benchmarks/bench_fastdeconv.py                 # the CPU shapes of the FastDeconv issue
     python benchmarks/bench_fastdeconv.py --device cuda --json out.json
+    python benchmarks/bench_fastdeconv.py --tiny --warmup 0 --repeat 1     # a smoke test: same shapes, 12 x 12
+
+With --json the file is rewritten after every shape (an interrupted run keeps what it measured); a shape that
+fails is recorded with its error and the others still run (exit code 1).
 """
 import argparse
 import json
@@ -27,10 +31,19 @@ SHAPES = {
     "c64_8x64x64": ((8, 64, 64, 64), 64, 64, True),
 }
 IMPLS = {"aecr_ops": aecr_ops.FastDeconv, "original": reference.FastDeconv}
+TINY_SIZE = 12  # --tiny: each shape's batch 2 and 12 x 12 pixels (same channels, block and layer)
 
 
-def setup(name, impl, device):
+def problem(name, tiny=False):
+    """(input shape, out channels, block, input requires grad) of a named shape; --tiny shrinks the input."""
     shape, out_channels, block, input_grad = SHAPES[name]
+    if tiny:
+        shape = (min(2, shape[0]), shape[1], TINY_SIZE, TINY_SIZE)
+    return shape, out_channels, block, input_grad
+
+
+def setup(name, impl, device, tiny=False):
+    shape, out_channels, block, input_grad = problem(name, tiny)
     torch.manual_seed(0)
     layer = IMPLS[impl](shape[1], out_channels, 3, stride=1, padding=1, block=block).to(device)
     x = torch.rand(shape, device=device).requires_grad_(input_grad)
@@ -61,14 +74,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(name, device, warmup, repeat):
-    pairs = {impl: setup(name, impl, device) for impl in IMPLS}
+def time_steps(name, device, warmup, repeat, tiny=False):
+    pairs = {impl: setup(name, impl, device, tiny) for impl in IMPLS}
     for _ in range(warmup):
         for layer, x in pairs.values():
             step(layer, x)
     sync(device)
     times = {impl: [] for impl in IMPLS}
-    for _ in range(repeat):
+    for _ in range(max(1, repeat)):
         for impl, (layer, x) in pairs.items():
             start = time.perf_counter()
             step(layer, x)
@@ -100,11 +113,11 @@ def peak_extra_bytes(fn, device):
     return max(e["Total Allocated"] for e in events) - before
 
 
-def peak_memory(name, device):
+def peak_memory(name, device, tiny=False):
     """{"step": {impl: bytes}, "whitening": {impl: bytes}}; each after a warm-up of the same call."""
     out = {"step": {}, "whitening": {}}
     for impl in IMPLS:
-        layer, x = setup(name, impl, device)
+        layer, x = setup(name, impl, device, tiny)
         for what, fn in (("step", step), ("whitening", whitening_step)):
             fn(layer, x)
             layer.zero_grad()
@@ -115,13 +128,35 @@ def peak_memory(name, device):
     return out
 
 
+def release_cuda_memory(device):
+    """Frees cached blocks after a failed measurement; never raises (after a sticky CUDA error nothing works)."""
+    if device != "cuda":
+        return
+    try:
+        torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def write_json_atomic(path, document):
+    """Writes a JSON file through a temporary file in the same folder and os.replace: never half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tiny", action="store_true", help=f"batch 2 of {TINY_SIZE}x{TINY_SIZE} inputs (a smoke test)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=15)
-    parser.add_argument("--json")
+    parser.add_argument("--json", help="write the results to this file (rewritten after every shape)")
     args = parser.parse_args()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else (
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
@@ -129,24 +164,40 @@ def main():
     print("peak extra memory (MB): of the whole step, and of the whitening alone (statistics, inverse square root "
           "and their backward, without the convolution)")
     print(f"{'shape':>16} {'aecr_ops ms':>12} {'original ms':>12} {'speed-up':>9} {'step MB ours/orig':>18} "
-          f"{'whitening MB ours/orig':>23}")
+          f"{'whitening MB ours/orig':>23}", flush=True)
     rows = []
+
+    def save(complete):
+        if args.json:
+            write_json_atomic(args.json, {"benchmark": "fastdeconv_training_step", "device": device_name,
+                                          "torch": torch.__version__, "cuda": torch.version.cuda,
+                                          "date": time.strftime("%Y-%m-%d"), "tiny": args.tiny,
+                                          "complete": complete, "results": rows})
+
+    save(False)
+    failed = False
     for name in args.shapes:
-        times = time_steps(name, args.device, args.warmup, args.repeat)
-        peaks = peak_memory(name, args.device)
-        memory, whitening = peaks["step"], peaks["whitening"]
-        row = {"shape": name, "input": list(SHAPES[name][0]), "input_grad": SHAPES[name][3],
-               "step_s": times, "peak_extra_bytes_step": memory, "peak_extra_bytes_whitening": whitening,
-               "speedup": times["original"] / times["aecr_ops"]}
+        shape = problem(name, args.tiny)
+        row = {"shape": name, "input": list(shape[0]), "input_grad": shape[3], "tiny": args.tiny}
+        try:
+            times = time_steps(name, args.device, args.warmup, args.repeat, args.tiny)
+            row.update(step_s=times, speedup=times["original"] / times["aecr_ops"])
+            peaks = peak_memory(name, args.device, args.tiny)
+            memory, whitening = peaks["step"], peaks["whitening"]
+            row.update(peak_extra_bytes_step=memory, peak_extra_bytes_whitening=whitening)
+            mb = lambda m: f"{m['aecr_ops'] / 2**20:.1f} / {m['original'] / 2**20:.1f}"  # noqa: E731
+            print(f"{name:>16} {1e3 * times['aecr_ops']:>12.1f} {1e3 * times['original']:>12.1f} "
+                  f"{row['speedup']:>9.2f} {mb(memory):>18} {mb(whitening):>23}", flush=True)
+        except Exception as error:  # noqa: BLE001 - one shape failing must not lose the others
+            failed = True
+            row["error"] = f"{type(error).__name__}: {error}"[:600]
+            print(f"{name:>16} failed: {row['error'][:200]}", flush=True)
+            release_cuda_memory(args.device)
         rows.append(row)
-        mb = lambda m: f"{m['aecr_ops'] / 2**20:.1f} / {m['original'] / 2**20:.1f}"  # noqa: E731
-        print(f"{name:>16} {1e3 * times['aecr_ops']:>12.1f} {1e3 * times['original']:>12.1f} {row['speedup']:>9.2f} "
-              f"{mb(memory):>18} {mb(whitening):>23}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "fastdeconv_training_step", "device": device_name, "torch": torch.__version__,
-                       "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d"), "results": rows}, f, indent=2)
+        save(False)
+    save(True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,12 +11,16 @@ Both networks start from the same weights; their steps alternate; times are medi
                                                           # the GPU configuration on the CPU
 
 On CUDA ours runs once per DCN path (AECR_DCN_CUDA_PATH=simple and implicit: aecr_ops_simple,
-aecr_ops_implicit), alternating with the baseline in the same loop.
+aecr_ops_implicit), alternating with the baseline in the same loop. Each row says which path the DCN layer really
+ran ("paths"); where the implicit path does not apply (fp32 without TF32, or compute capability below 8.0) it is
+not timed again under its name but listed in "not_applicable".
+
+With --json the file is rewritten after every row, so an interrupted run keeps its finished rows; an
+implementation that fails is recorded in the row's "errors" and the others go on (exit code 1).
 """
 import argparse
 import contextlib
 import copy
-import json
 import os
 import platform
 import statistics
@@ -28,6 +32,8 @@ import torch.nn.functional as F
 import aecr_ops
 from aecr_model import AECRNet
 from aecr_ops import reference
+from aecr_ops.deform_conv import output_size
+from bench_dcn import dcn_path_that_runs, write_json_atomic
 
 
 class TorchvisionDCN(aecr_ops.DCN):
@@ -66,19 +72,62 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def alternate(fns, device, warmup, repeat):
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
-    times = {k: [] for k in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
+def alternate(fns, device, warmup, repeat, errors=None):
+    """Median seconds of each fn, calls interleaved. A fn that raises is dropped (its error in errors[name])."""
+    errors = {} if errors is None else errors
+    live = dict(fns)
+
+    def call(name, fn):
+        try:
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+            return True
+        except Exception as error:  # noqa: BLE001 - one implementation failing must not stop the others
+            errors[name] = f"{type(error).__name__}: {error}"[:600]
+            live.pop(name, None)
+            return False
+
+    for _ in range(warmup):
+        for name, fn in list(live.items()):
+            call(name, fn)
+    times = {k: [] for k in fns}
+    for _ in range(max(1, repeat)):
+        for name, fn in list(live.items()):
+            start = time.perf_counter()
+            if call(name, fn):
+                times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items() if v and k in live}
+
+
+def dcn_path(model, run_dtype, path):
+    """The path the model's first DCN layer would run with AECR_DCN_CUDA_PATH=path on run_dtype inputs now."""
+    dcn = next(m for m in model.modules() if isinstance(m, aecr_ops.DCN))
+    device = dcn.weight.device
+    size = 8
+    kh, kw = dcn.kernel_size
+    ho = output_size(size, kh, dcn.stride[0], dcn.padding[0], dcn.dilation[0])
+    wo = output_size(size, kw, dcn.stride[1], dcn.padding[1], dcn.dilation[1])
+    taps = dcn.deformable_groups * kh * kw
+    x = torch.zeros(1, dcn.in_channels, size, size, device=device, dtype=run_dtype)
+    offset = torch.zeros(1, 2 * taps, ho, wo, device=device, dtype=run_dtype)
+    mask = torch.zeros(1, taps, ho, wo, device=device, dtype=run_dtype)
+    with dcn_path_env(path):
+        return dcn_path_that_runs(x, offset, dcn.weight.detach().to(run_dtype), mask=mask, stride=dcn.stride,
+                                  padding=dcn.padding, dilation=dcn.dilation)
+
+
+def our_runs(model, candidates, run_dtype, allow_tf32):
+    """(runs, paths, not_applicable): the variants of ours whose asked-for path really runs, and the others."""
+    runs, paths, not_applicable = [], {}, {}
+    with tf32(allow_tf32):
+        for impl, path in candidates:
+            actual = dcn_path(model, run_dtype, path)
+            if path is not None and actual != path:
+                not_applicable[impl] = f"not applicable: runs the {actual} path"
+            else:
+                runs.append((impl, path))
+                paths[impl] = actual
+    return runs, paths, not_applicable
 
 
 # label -> (autocast dtype, TF32 allowed (None: PyTorch's setting))
@@ -86,7 +135,7 @@ PRECISIONS = {"fp32": (None, False), "fp32+tf32": (None, True), "bf16": (torch.b
 
 
 @contextlib.contextmanager
-def dcn_path(path):
+def dcn_path_env(path):
     """AECR_DCN_CUDA_PATH for one call (None: leave it alone)."""
     previous = os.environ.get("AECR_DCN_CUDA_PATH")
     if path is not None:
@@ -113,7 +162,7 @@ def tf32(enabled):
 
 def training_step(model, optimizer, hazy, clear, cr, cr_weight, autocast_dtype, path=None):
     def step():
-        with dcn_path(path):
+        with dcn_path_env(path):
             one_step()
 
     def one_step():
@@ -166,50 +215,96 @@ def main():
         cr = ContrastiveRegularization("random").to(device)
     labels = args.precisions or (["fp32", "fp32+tf32", "bf16"] if gpu else ["fp32"])
     precisions = [(label, *PRECISIONS[label]) for label in labels]
-    ours_runs = [("aecr_ops_simple", "simple"), ("aecr_ops_implicit", "implicit")] if gpu else [("aecr_ops", None)]
+    candidates = [("aecr_ops_simple", "simple"), ("aecr_ops_implicit", "implicit")] if gpu else [("aecr_ops", None)]
     results["config"] = {"batch": batch, "crop": crop, "cr": cr is not None, "precisions": labels}
+    results["complete"] = False
+    failed = []
+
+    def save():
+        if args.json:
+            write_json_atomic(args.json, results)
+
+    def finish(row, times, ours_runs, errors):
+        row["speedup"] = {impl: times["baseline"] / times[impl] for impl, _ in ours_runs
+                          if impl in times and "baseline" in times}
+        if errors:
+            row["errors"] = errors
+            failed.append((row["what"], row["precision"], sorted(errors)))
+
+    def run_dtype_of(dtype):
+        return dtype if dtype is not None and gpu else torch.float32
+
+    save()
     hazy = torch.rand(batch, 3, crop, crop, device=device)
     clear = torch.rand(batch, 3, crop, crop, device=device)
     for label, dtype, allow_tf32 in precisions:
-        fns = {}
-        for impl, path in ours_runs:
-            opt = torch.optim.Adam(ours.parameters(), lr=1e-6)
-            fns[impl] = training_step(ours.train(), opt, hazy, clear, cr, 0.1, dtype, path)
-        fns["baseline"] = training_step(base.train(), torch.optim.Adam(base.parameters(), lr=1e-6), hazy, clear, cr,
-                                        0.1, dtype)
-        with tf32(allow_tf32):
-            times = alternate(fns, device, args.warmup, args.repeat)
         row = {"what": f"training step, batch {batch} of {crop}x{crop}, L1{' + CR' if cr else ''}, Adam",
-               "precision": label, "seconds": times,
-               "speedup": {impl: times["baseline"] / times[impl] for impl, _ in ours_runs}}
+               "precision": label}
+        errors = {}
+        try:
+            ours_runs, paths, not_applicable = our_runs(ours, candidates, run_dtype_of(dtype), allow_tf32)
+            row.update(paths=paths, not_applicable=not_applicable)
+            fns = {}
+            for impl, path in ours_runs:
+                opt = torch.optim.Adam(ours.parameters(), lr=1e-6)
+                fns[impl] = training_step(ours.train(), opt, hazy, clear, cr, 0.1, dtype, path)
+            fns["baseline"] = training_step(base.train(), torch.optim.Adam(base.parameters(), lr=1e-6), hazy, clear,
+                                            cr, 0.1, dtype)
+            with tf32(allow_tf32):
+                times = alternate(fns, device, args.warmup, args.repeat, errors)
+        except Exception as error:  # noqa: BLE001 - a failing row must not lose the others
+            ours_runs, times = [], {}
+            errors["row"] = f"{type(error).__name__}: {error}"[:600]
+        row["seconds"] = times
+        finish(row, times, ours_runs, errors)
         results["training"].append(row)
+        save()
         print(f"train {label}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in times.items()) + "; speed-up " +
-              ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items()))
+              ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items()) +
+              "".join(f"; {k} {v}" for k, v in row.get("not_applicable", {}).items()) +
+              "".join(f"; {k} FAILED {v[:160]}" for k, v in errors.items()), flush=True)
 
     if not args.skip_inference:
         h, w = (int(v) for v in args.inference_size.split("x"))
         image = torch.rand(1, 3, h, w, device=device)
         for label, dtype, allow_tf32 in precisions:
-            fns = {}
-            for impl, model, path in [(impl, ours.eval(), path) for impl, path in ours_runs] + [
-                    ("baseline", base.eval(), None)]:
-                def infer(model=model, path=path):
-                    with dcn_path(path), torch.no_grad(), torch.autocast(device, dtype=dtype or torch.bfloat16,
-                                                                         enabled=dtype is not None):
-                        model(image)
-                fns[impl] = infer
-            with tf32(allow_tf32):
-                times = alternate(fns, device, 1, args.inference_repeat)
-            row = {"what": f"inference {h}x{w}", "precision": label, "seconds": times,
-                   "images_per_s": {k: 1 / v for k, v in times.items()},
-                   "speedup": {impl: times["baseline"] / times[impl] for impl, _ in ours_runs}}
+            row = {"what": f"inference {h}x{w}", "precision": label}
+            errors = {}
+            # FastDeconv's eval fold cache does not key on autocast: weights folded under bf16 autocast are
+            # reused (in bf16) by a later fp32 call, which then fails. Start each precision from an empty cache.
+            for module in ours.modules():
+                if isinstance(module, aecr_ops.FastDeconv):
+                    module.reset_fold_cache()
+            try:
+                ours_runs, paths, not_applicable = our_runs(ours, candidates, run_dtype_of(dtype), allow_tf32)
+                row.update(paths=paths, not_applicable=not_applicable)
+                fns = {}
+                for impl, model, path in [(impl, ours.eval(), path) for impl, path in ours_runs] + [
+                        ("baseline", base.eval(), None)]:
+                    def infer(model=model, path=path, dtype=dtype):
+                        with dcn_path_env(path), torch.no_grad(), torch.autocast(
+                                device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                            model(image)
+                    fns[impl] = infer
+                with tf32(allow_tf32):
+                    times = alternate(fns, device, 1, args.inference_repeat, errors)
+            except Exception as error:  # noqa: BLE001
+                ours_runs, times = [], {}
+                errors["row"] = f"{type(error).__name__}: {error}"[:600]
+            row["seconds"] = times
+            row["images_per_s"] = {k: 1 / v for k, v in times.items()}
+            finish(row, times, ours_runs, errors)
             results["inference"].append(row)
+            save()
             print(f"inference {h}x{w} {label}: " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()) +
-                  "; speed-up " + ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+                  "; speed-up " + ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items()) +
+                  "".join(f"; {k} FAILED {v[:160]}" for k, v in errors.items()), flush=True)
+    results["complete"] = True
+    save()
+    if failed:
+        print(f"failed: {failed}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -12,7 +12,7 @@ so they work with torch.compile, torch.library.opcheck, autocast and torch.use_d
 from . import reference
 from ._checks import ArgumentError, ArgumentTypeError
 from ._extension import cuda_kernels_built, extension_loaded
-from .deform_conv import deform_conv2d
+from .deform_conv import deform_conv2d, deform_conv2d_path
 from .fastdeconv import FastDeconv, isqrt_newton_schulz, patch_statistics
 from .modules import DCN, ModulatedDeformConv2d
 
@@ -20,8 +20,8 @@ if extension_loaded():
     from . import _registrations  # noqa: F401
 
 __all__ = [
-    "deform_conv2d", "ModulatedDeformConv2d", "DCN", "FastDeconv", "patch_statistics", "isqrt_newton_schulz",
-    "reference", "ArgumentError", "ArgumentTypeError",
-    "extension_loaded", "cuda_kernels_built",
+    "deform_conv2d", "deform_conv2d_path", "ModulatedDeformConv2d", "DCN", "FastDeconv", "patch_statistics",
+    "isqrt_newton_schulz", "reference", "ArgumentError", "ArgumentTypeError", "extension_loaded",
+    "cuda_kernels_built",
 ]
 __version__ = "0.1.0"

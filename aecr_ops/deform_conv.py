@@ -99,7 +99,8 @@ def deform_conv2d(
         ``[B, C_out, Ho, Wo]`` with ``Ho = (H + 2*pad_h - (dil_h*(kh-1) + 1)) // stride_h + 1`` (``Wo`` alike).
 
     float32 and float64 on the CPU and CUDA, float16 and bfloat16 on CUDA (coordinates and sums in float32).
-    Samples outside the image read zeros; a non-finite offset samples zero. On CUDA the environment variable
+    Samples outside the image read zeros (a NaN or Inf pixel reaches only the samples whose bilinear corners
+    include it, as in torchvision); a non-finite offset samples zero. On CUDA the environment variable
     ``AECR_DCN_CUDA_PATH=implicit`` selects the implicit-GEMM tensor-core path (fp16, bf16, fp32 with TF32
     matmuls allowed; opt-in until verified on a GPU); the default ``simple`` path is the reference.
 
@@ -119,3 +120,28 @@ def deform_conv2d(
     require_extension()
     return torch.ops.aecr_ops.deform_conv2d(
         input, weight, offset, mask, bias, list(stride), list(padding), list(dilation), groups, offset_groups)
+
+
+def deform_conv2d_path(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    mask: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+) -> str:
+    """Which implementation :func:`deform_conv2d` runs for these arguments now.
+
+    ``"cpu"`` for CPU tensors; on CUDA ``"simple"`` or ``"implicit"``, which depends on ``AECR_DCN_CUDA_PATH``,
+    the dtype, ``torch.backends.cuda.matmul.allow_tf32`` and the GPU (the implicit path silently falls back to the
+    simple one where it does not apply). Benchmarks label their measurements with it. Same arguments as
+    :func:`deform_conv2d` (bias aside).
+    """
+    stride = _checks.pair(stride, "stride", 1, _OP)
+    padding = _checks.pair(padding, "padding", 0, _OP)
+    dilation = _checks.pair(dilation, "dilation", 1, _OP)
+    groups, offset_groups = check_deform_conv2d_args(input, offset, weight, None, mask, stride, padding, dilation)
+    require_extension()
+    return torch.ops.aecr_ops.deform_conv2d_path(
+        input, weight, offset, mask, list(stride), list(padding), list(dilation), groups, offset_groups)

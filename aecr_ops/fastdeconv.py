@@ -336,7 +336,10 @@ class FastDeconv(nn.Module):
             return fastdeconv_fold(self.weight, self.bias, self.running_mean, self.running_deconv, self.groups,
                                    self.num_features)
         tensors = params + [self.running_mean, self.running_deconv]
-        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        # Under autocast the fold's matmuls give the autocast dtype: a cache made there must not serve outside.
+        device = self.weight.device.type
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        key = (autocast,) + tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
         if self._fold_cache is None or self._fold_cache[0] != key:
             with torch.no_grad():
                 folded = fastdeconv_fold(self.weight, self.bias, self.running_mean, self.running_deconv,

@@ -24,6 +24,11 @@ TORCH_LIBRARY(aecr_ops, m) {
       "deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, Tensor? mask, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, int offset_groups) -> "
       "(Tensor grad_input, Tensor grad_weight, Tensor grad_offset, Tensor grad_mask, Tensor grad_bias)");
+  // Which implementation deform_conv2d runs for these arguments now: "cpu", or on CUDA "simple" or "implicit"
+  // (AECR_DCN_CUDA_PATH, dtype, TF32 setting and GPU decide). For benchmarks and tests.
+  m.def(
+      "deform_conv2d_path(Tensor input, Tensor weight, Tensor offset, Tensor? mask, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, int offset_groups) -> str");
 
   // FastDeconv: mean [groups, F] and covariance + eps*I [groups, F, F] of the input's k x k patches taken every
   // `sampling_stride` pixels (F = kh*kw*block; see csrc/include/aecr/patch_stats.h for the column grouping).

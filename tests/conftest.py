@@ -22,6 +22,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+    # Tests of what the emulated tests did (marked after_emulation) run once they all have.
+    items.sort(key=lambda item: item.get_closest_marker("after_emulation") is not None)
+
+
+@pytest.fixture(scope="session")
+def emulated(tmp_path_factory):
+    """Every CUDA kernel and its driver built for the CPU emulator (tests/emulation.py), with the launch check
+    on the registers and launch bounds of the real build."""
+    import emulation
+    module = emulation.build(tmp_path_factory.mktemp("cuda_emulation"))
+    module.set_resources(emulation.resource_table(), True)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -145,3 +145,67 @@ def test_implicit_opcheck(cuda_path):
     cuda_path("implicit")
     args = (x, w, o, m, b, list(case.stride), list(case.padding), list(case.dilation), 2, case.offset_groups)
     torch.library.opcheck(torch.ops.aecr_ops.deform_conv2d.default, args)
+
+
+@pytest.mark.parametrize("kind", ["strided", "expanded"])
+def test_implicit_with_a_bias_that_is_not_contiguous(cuda_path, kind):
+    # Review D1: the implicit path read `bias` as if it were dense (a slice gave wrong outputs, an expanded bias
+    # read past its allocation).
+    case = NAMED_CASES["3x3_pad1_mask"]
+    x, o, w, _, m = [t.cuda().half() if t is not None else None for t in case.tensors(seed=4)]
+    bias = (torch.randn(2 * w.shape[0], device="cuda").half()[::2] if kind == "strided"
+            else torch.full((1,), 0.75, device="cuda").half().expand(w.shape[0]))
+    cuda_path("implicit")
+    assert aecr_ops.deform_conv2d_path(x, o, w, mask=m, **case.kwargs()) == "implicit"
+    got = aecr_ops.deform_conv2d(x, o, w, bias, mask=m, **case.kwargs())
+    cuda_path("simple")
+    expected = aecr_ops.deform_conv2d(x, o, w, bias.contiguous(), mask=m, **case.kwargs())
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_path_query_names_the_path_that_runs(cuda_path):
+    case = NAMED_CASES["3x3_pad1_mask"]
+    x, o, w, _, m = [t.cuda() if t is not None else None for t in case.tensors()]
+    cuda_path("implicit")
+    capability = torch.cuda.get_device_capability()
+    assert aecr_ops.deform_conv2d_path(x.half(), o.half(), w.half()) == ("implicit" if capability >= (8, 0)
+                                                                         else "simple")
+    assert aecr_ops.deform_conv2d_path(x.double(), o.double(), w.double()) == "simple"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert aecr_ops.deform_conv2d_path(x, o, w) == "simple"  # fp32 without TF32: the implicit path does not apply
+    cuda_path("simple")
+    assert aecr_ops.deform_conv2d_path(x.half(), o.half(), w.half()) == "simple"
+    assert aecr_ops.deform_conv2d_path(x.cpu(), o.cpu(), w.cpu()) == "cpu"
+
+
+@pytest.mark.parametrize("path", ["simple", "implicit"])
+def test_forward_and_backward_replay_in_a_cuda_graph(cuda_path, path):
+    # Review D10: the implicit backward copied its channel-chunk table from a per-call pinned host buffer, which
+    # a captured graph would replay from a reused address. Now nothing in a call comes from the host.
+    case = WIDE_CASES["wide_groups"]
+    x, o, w, b, m = [t.cuda().half().requires_grad_(True) if t is not None else None for t in case.tensors(seed=9)]
+    cuda_path(path)
+    grad = torch.randn(case.batch, case.out_channels, *case.out_size(), device="cuda").half()
+
+    def step():
+        for t in (x, o, w, b, m):
+            t.grad = None
+        aecr_ops.deform_conv2d(x, o, w, b, mask=m, **case.kwargs()).backward(grad)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside the capture (allocator, cuBLAS handles)
+    torch.cuda.current_stream().wait_stream(stream)
+    expected = [t.grad.clone() for t in (x, o, w, b, m)]
+    for t in (x, o, w, b, m):
+        t.grad = None  # allocated inside the capture: each replay writes them afresh
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        aecr_ops.deform_conv2d(x, o, w, b, mask=m, **case.kwargs()).backward(grad)
+    for _ in range(3):
+        torch.cuda.synchronize()
+        graph.replay()
+    torch.cuda.synchronize()
+    for e, t in zip(expected, (x, o, w, b, m)):
+        torch.testing.assert_close(t.grad, e, rtol=1e-2, atol=1e-2)

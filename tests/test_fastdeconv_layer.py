@@ -126,6 +126,22 @@ def test_eval_folds_once_and_refolds_after_a_change(monkeypatch):
     assert len(calls) == 3
 
 
+def test_eval_fold_made_under_autocast_does_not_serve_outside_it():
+    # The fold's matmuls run in bf16 under autocast: a cached bf16 weight given to a float32 convolution failed
+    # ("expected scalar type Float but found BFloat16").
+    layer = aecr_ops.FastDeconv(3, 3, 3, padding=1)
+    layer(torch.randn(2, 3, 8, 8))
+    layer.eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = layer(x)
+        full = layer(x)
+        again = layer(x)
+    assert low.dtype == torch.bfloat16 and full.dtype == torch.float32 and torch.equal(full, again)
+    torch.testing.assert_close(low.float(), full, rtol=5e-2, atol=5e-2)
+
+
 def test_eval_with_grad_flows_to_the_weight():
     layer = aecr_ops.FastDeconv(4, 4, 3, padding=1)
     layer(torch.randn(2, 4, 8, 8))

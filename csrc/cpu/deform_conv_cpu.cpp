@@ -1,11 +1,12 @@
-// CPU driver of deform_conv2d: loops (at::parallel_for) around the per-element math of aecr/deform_conv.h,
-// and GEMMs through at::mm (MKL / OpenBLAS).
+// CPU kernels of deform_conv2d: loops (at::parallel_for) around the per-element math of aecr/deform_conv.h; the
+// algorithm (chunks, GEMMs through at::mm: MKL / OpenBLAS) is deform_conv_driver.h's.
 //
 // Work is split into tiles of up to kTile output pixels of one (image, offset group, tap): a tile's bilinear
 // points (from bilinear_point) are computed once, laid out as arrays so that the loops over pixels vectorise,
 // and reused for a block of channels whose planes stay in cache. The backward rebuilds the columns inside the
 // offset-gradient pass. Each output element is written by exactly one thread in a fixed order, so results are
-// bitwise identical run to run and do not depend on the number of threads (the GEMMs aside).
+// bitwise identical run to run and do not depend on the number of threads (the GEMMs aside: MKL may split its
+// sums differently with another thread count).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -13,11 +14,13 @@
 
 #include <algorithm>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "aecr/deform_conv.h"
 #include "deform_conv_args.h"
+#include "deform_conv_driver.h"
 
 namespace aecr {
 namespace {
@@ -47,13 +50,15 @@ Tile tile_from_index(const DeformConvShape& s, int64_t i) {
 
 // The bilinear points of a tile's sites (from bilinear_point), as a structure of arrays with plane offsets of
 // type I (int32 when a plane has fewer than 2^31 pixels), so that the loops over pixels vectorise with
-// gathers. Corners outside the plane have offset 0 and weight 0.
+// gathers. Corners outside the plane have offset 0 and weight 0, and their value is taken as 0 whatever the
+// plane holds at offset 0 (`inside`), as in bilinear.h.
 template <typename T, typename I>
 struct TilePlan {
   I index[4][kTile];
   T weight[4][kTile];
   T d_h[4][kTile];
   T d_w[4][kTile];
+  bool inside[4][kTile];
   T mask[kTile];
   int64_t len;
 
@@ -66,6 +71,7 @@ struct TilePlan {
       for (int j = 0; j < 4; ++j) {
         index[j][q] = static_cast<I>(p.index[j]);
         weight[j][q] = p.weight[j];
+        inside[j][q] = p.inside[j];
         if (derivatives) {
           d_h[j][q] = p.d_h[j];
           d_w[j][q] = p.d_w[j];
@@ -75,26 +81,33 @@ struct TilePlan {
     }
   }
 
+  // Corner j of point q: read unconditionally (offset 0 is in the plane) and dropped outside it.
+  template <typename V>
+  T corner(const V* plane, int j, int64_t q) const {
+    const T x = static_cast<T>(plane[index[j][q]]);
+    return inside[j][q] ? x : T(0);
+  }
+
   // row[q] = column_value(point q, plane): mask * (w0 x0 + w1 x1 + w2 x2 + w3 x3), summed in that order.
   template <typename V>
   void sample(const V* plane, V* row) const {
     for (int64_t q = 0; q < len; ++q) {
-      T v = weight[0][q] * static_cast<T>(plane[index[0][q]]);
-      v += weight[1][q] * static_cast<T>(plane[index[1][q]]);
-      v += weight[2][q] * static_cast<T>(plane[index[2][q]]);
-      v += weight[3][q] * static_cast<T>(plane[index[3][q]]);
+      T v = weight[0][q] * corner(plane, 0, q);
+      v += weight[1][q] * corner(plane, 1, q);
+      v += weight[2][q] * corner(plane, 2, q);
+      v += weight[3][q] * corner(plane, 3, q);
       row[q] = static_cast<V>(mask[q] * v);
     }
   }
 
   // accumulate_site_grad for every point: sums over channels of gcol * (value, d value/dh, d value/dw). The
-  // column values themselves fall out on the way: written to column_row (as sample() would) unless null.
+  // column values themselves fall out on the way and replace the column gradient in `row` (read first).
   template <typename V>
-  void accumulate_grad(const V* plane, const V* grad_row, T* sum_v, T* sum_h, T* sum_w, V* column_row) const {
+  void accumulate_grad(const V* plane, V* row, T* sum_v, T* sum_h, T* sum_w) const {
     for (int64_t q = 0; q < len; ++q) {
-      const T x0 = static_cast<T>(plane[index[0][q]]), x1 = static_cast<T>(plane[index[1][q]]);
-      const T x2 = static_cast<T>(plane[index[2][q]]), x3 = static_cast<T>(plane[index[3][q]]);
-      const T g = static_cast<T>(grad_row[q]);
+      const T x0 = corner(plane, 0, q), x1 = corner(plane, 1, q);
+      const T x2 = corner(plane, 2, q), x3 = corner(plane, 3, q);
+      const T g = static_cast<T>(row[q]);
       T v = weight[0][q] * x0, gh = d_h[0][q] * x0, gw = d_w[0][q] * x0;
       v += weight[1][q] * x1;
       gh += d_h[1][q] * x1;
@@ -108,7 +121,7 @@ struct TilePlan {
       sum_v[q] += g * v;
       sum_h[q] += g * gh;
       sum_w[q] += g * gw;
-      if (column_row != nullptr) column_row[q] = static_cast<V>(mask[q] * v);
+      row[q] = static_cast<V>(mask[q] * v);
     }
   }
 
@@ -172,12 +185,12 @@ void im2col(const DeformConvShape& s, int64_t n, const V* input, const V* offset
   });
 }
 
-// Offset and mask gradients of a chunk from the column gradient (grad_mask may be null), and the columns
-// themselves into `columns` (for the weight gradient). Each thread owns a range of tiles and sums over the
-// channels in a fixed order, block after block.
+// Offset and mask gradients of a chunk from the column gradient in `columns` (grad_mask may be null), which it
+// replaces by the columns themselves (for the weight gradient). Each thread owns a range of tiles and sums over
+// the channels in a fixed order, block after block.
 template <typename V>
 void offset_mask_grad(const DeformConvShape& s, int64_t n, const V* input, const V* offset, const V* mask,
-                      const V* grad_columns, V* grad_offset, V* grad_mask, V* columns) {
+                      V* columns, V* grad_offset, V* grad_mask) {
   with_index_type(s, [&](auto tag) {
     using I = decltype(tag);
     at::parallel_for(0, n * s.offset_groups * s.taps() * tiles_per_tap(s), 1, [&](int64_t begin, int64_t end) {
@@ -188,9 +201,8 @@ void offset_mask_grad(const DeformConvShape& s, int64_t n, const V* input, const
         V* sum = sums.data() + 3 * kTile * (i - begin);
         const V* image = input + tile.b * s.channels * s.plane();
         for (int64_t c = c_begin; c < c_end; ++c) {
-          const int64_t at = column_index(s, n, c, tile.k, tile.b, tile.p0);
-          plan->accumulate_grad(image + c * s.plane(), grad_columns + at, sum, sum + kTile, sum + 2 * kTile,
-                                columns + at);
+          plan->accumulate_grad(image + c * s.plane(), columns + column_index(s, n, c, tile.k, tile.b, tile.p0),
+                                sum, sum + kTile, sum + 2 * kTile);
         }
       });
       for (int64_t i = begin; i < end; ++i) {
@@ -242,15 +254,53 @@ void col2im(const DeformConvShape& s, int64_t n, const V* offset, const V* mask,
   });
 }
 
-// Column buffers, kept per thread, dtype and slot between calls: a fresh buffer of tens of megabytes costs a
-// page fault per 4 KB on first touch, as much time as sampling into it. Each holds at most kColumnBudget
-// elements (one chunk); the backward uses two slots (columns and their gradient).
-at::Tensor column_workspace(int64_t numel, const at::TensorOptions& options, int slot = 0) {
-  thread_local at::Tensor buffers[2][2];
-  at::Tensor& buffer = buffers[options.dtype() == at::kDouble ? 1 : 0][slot];
+// Column buffers, kept per thread and dtype between calls: a fresh buffer of tens of megabytes costs a page fault
+// per 4 KB on first touch, as much time as sampling into it. Each holds one chunk (at most kColumnBudget
+// elements, or one image when an image needs more).
+at::Tensor column_workspace(int64_t numel, const at::TensorOptions& options) {
+  thread_local at::Tensor buffers[2];
+  at::Tensor& buffer = buffers[options.dtype() == at::kDouble ? 1 : 0];
   if (!buffer.defined() || buffer.numel() < numel) buffer = at::empty({numel}, options);
   return buffer.narrow(0, 0, numel);
 }
+
+template <typename V>
+const V* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<V>() : nullptr;
+}
+
+// The kernel class of deform_conv_driver.h on the CPU.
+struct CpuDeformConvKernels {
+  int64_t column_budget() const { return kColumnBudget; }
+  at::Tensor workspace(int64_t numel, const at::TensorOptions& options) const { return column_workspace(numel, options); }
+
+  void im2col(const DeformConvShape& s, int64_t n, const at::Tensor& input, const at::Tensor& offset,
+              const std::optional<at::Tensor>& mask, at::Tensor& columns) const {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
+      aecr::im2col<scalar_t>(s, n, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), data_or_null<scalar_t>(mask),
+                             columns.data_ptr<scalar_t>());
+    });
+  }
+
+  void input_grad(const DeformConvShape& s, int64_t n, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+                  const at::Tensor& grad_columns, at::Tensor grad_input) const {
+    AT_DISPATCH_FLOATING_TYPES(offset.scalar_type(), "deform_conv2d_backward_cpu", [&] {
+      col2im<scalar_t>(s, n, offset.data_ptr<scalar_t>(), data_or_null<scalar_t>(mask), grad_columns.data_ptr<scalar_t>(),
+                       grad_input.data_ptr<scalar_t>());
+    });
+  }
+
+  void offset_mask_grad(const DeformConvShape& s, int64_t n, const at::Tensor& input, const at::Tensor& offset,
+                        const std::optional<at::Tensor>& mask, at::Tensor& columns, at::Tensor grad_offset,
+                        const std::optional<at::Tensor>& grad_mask) const {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
+      aecr::offset_mask_grad<scalar_t>(s, n, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                                       data_or_null<scalar_t>(mask), columns.data_ptr<scalar_t>(),
+                                       grad_offset.data_ptr<scalar_t>(),
+                                       grad_mask.has_value() ? grad_mask->data_ptr<scalar_t>() : nullptr);
+    });
+  }
+};
 
 void check_cpu_dtype(const at::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
@@ -258,102 +308,33 @@ void check_cpu_dtype(const at::Tensor& input) {
               " (float16 and bfloat16 run on CUDA)");
 }
 
-at::Tensor deform_conv2d_cpu(const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& offset_,
-                             const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias,
+at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                              int64_t offset_groups) {
   const DeformConvShape s =
-      check_deform_conv(input_, weight_, offset_, mask_, bias, stride, padding, dilation, groups, offset_groups);
-  check_cpu_dtype(input_);
-  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous(), offset = offset_.contiguous();
-  const std::optional<at::Tensor> mask = mask_.has_value() ? std::optional<at::Tensor>(mask_->contiguous()) : mask_;
-
-  const int64_t batch = input.size(0), out_channels = weight.size(0);
-  const int64_t ck = s.channels / groups * s.taps(), og_out = out_channels / groups, P = s.pixels();
-  at::Tensor output = at::empty({batch, out_channels, s.out_height, s.out_width}, input.options());
-  if (output.numel() == 0) return output;
-
-  const at::Tensor w = weight.view({groups, og_out, ck});
-  const int64_t chunk = images_per_chunk(s, batch, kColumnBudget);
-  at::Tensor buffer = column_workspace(s.channels * s.taps() * chunk * P, input.options());
-  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
-    const int64_t n = std::min(chunk, batch - b0);
-    at::Tensor columns = buffer.narrow(0, 0, s.channels * s.taps() * n * P).view({s.channels * s.taps(), n * P});
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
-      im2col<scalar_t>(s, n, input.data_ptr<scalar_t>() + b0 * s.channels * s.plane(),
-                       offset.data_ptr<scalar_t>() + b0 * offset.stride(0),
-                       optional_data<scalar_t>(mask, b0 * (mask ? mask->stride(0) : 0)), columns.data_ptr<scalar_t>());
-    });
-    // One image: the GEMM writes straight into the output; several: into [C_out, n*P], then transposed.
-    at::Tensor out = n == 1 ? output[b0].view({out_channels, P}) : at::empty({out_channels, n * P}, input.options());
-    for (int64_t g = 0; g < groups; ++g) {
-      at::Tensor dst = out.narrow(0, g * og_out, og_out);
-      at::mm_out(dst, w[g], columns.narrow(0, g * ck, ck));
-    }
-    if (n > 1) output.narrow(0, b0, n).view({n, out_channels, P}).copy_(out.view({out_channels, n, P}).transpose(0, 1));
-  }
-  if (bias.has_value()) output.add_(bias->view({1, out_channels, 1, 1}));
-  return output;
+      check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups);
+  check_cpu_dtype(input);
+  return deform_conv2d_forward(CpuDeformConvKernels{}, s, input, weight, offset, mask, bias, groups);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cpu(
-    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& weight_, const at::Tensor& offset_,
-    const std::optional<at::Tensor>& mask_, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+    const std::optional<at::Tensor>& mask, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, int64_t offset_groups) {
-  const DeformConvShape s = check_deform_conv(input_, weight_, offset_, mask_, std::nullopt, stride, padding, dilation,
+  const DeformConvShape s = check_deform_conv(input, weight, offset, mask, std::nullopt, stride, padding, dilation,
                                               groups, offset_groups);
-  check_cpu_dtype(input_);
-  check_grad_output(grad_output_, input_, s, weight_.size(0));
-  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous(), offset = offset_.contiguous();
-  const at::Tensor grad_output = grad_output_.contiguous();
-  const std::optional<at::Tensor> mask = mask_.has_value() ? std::optional<at::Tensor>(mask_->contiguous()) : mask_;
+  check_cpu_dtype(input);
+  check_grad_output(grad_output, input, s, weight.size(0));
+  return deform_conv2d_backward(CpuDeformConvKernels{}, s, grad_output, input, weight, offset, mask, groups);
+}
 
-  const int64_t batch = input.size(0), out_channels = weight.size(0);
-  const int64_t ck = s.channels / groups * s.taps(), og_out = out_channels / groups, P = s.pixels();
-  at::Tensor grad_input = at::zeros_like(input);
-  at::Tensor grad_weight = at::zeros_like(weight);
-  at::Tensor grad_offset = at::zeros_like(offset);
-  at::Tensor grad_mask = mask.has_value() ? at::zeros_like(*mask) : at::empty({0}, input.options());
-  at::Tensor grad_bias = grad_output.sum({0, 2, 3});
-  if (batch == 0 || grad_output.numel() == 0) {
-    return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
-  }
-
-  const at::Tensor w = weight.view({groups, og_out, ck});
-  const at::Tensor gw = grad_weight.view({groups, og_out, ck});
-  const int64_t chunk = images_per_chunk(s, batch, kColumnBudget);
-  const int64_t rows = s.channels * s.taps();
-  at::Tensor grad_buffer = column_workspace(rows * chunk * P, input.options(), 0);
-  at::Tensor column_buffer = column_workspace(rows * chunk * P, input.options(), 1);
-  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
-    const int64_t n = std::min(chunk, batch - b0);
-    at::Tensor grad_columns = grad_buffer.narrow(0, 0, rows * n * P).view({rows, n * P});
-    at::Tensor columns = column_buffer.narrow(0, 0, rows * n * P).view({rows, n * P});
-    const at::Tensor gout = n == 1 ? grad_output[b0].view({out_channels, P})
-                                   : grad_output.narrow(0, b0, n).view({n, out_channels, P}).transpose(0, 1).reshape(
-                                         {out_channels, n * P});
-    // Column gradient W^T grad_out, per weight group.
-    for (int64_t g = 0; g < groups; ++g) {
-      at::Tensor dst = grad_columns.narrow(0, g * ck, ck);
-      at::mm_out(dst, w[g].t(), gout.narrow(0, g * og_out, og_out));
-    }
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
-      const scalar_t* in = input.data_ptr<scalar_t>() + b0 * s.channels * s.plane();
-      const scalar_t* off = offset.data_ptr<scalar_t>() + b0 * offset.stride(0);
-      const scalar_t* msk = optional_data<scalar_t>(mask, b0 * (mask ? mask->stride(0) : 0));
-      scalar_t* gmask = mask ? grad_mask.data_ptr<scalar_t>() + b0 * grad_mask.stride(0) : nullptr;
-      // Also rebuilds the columns, which the weight gradient needs.
-      offset_mask_grad<scalar_t>(s, n, in, off, msk, grad_columns.data_ptr<scalar_t>(),
-                                 grad_offset.data_ptr<scalar_t>() + b0 * offset.stride(0), gmask,
-                                 columns.data_ptr<scalar_t>());
-      col2im<scalar_t>(s, n, off, msk, grad_columns.data_ptr<scalar_t>(),
-                       grad_input.data_ptr<scalar_t>() + b0 * s.channels * s.plane());
-    });
-    for (int64_t g = 0; g < groups; ++g) {
-      gw[g].addmm_(gout.narrow(0, g * og_out, og_out), columns.narrow(0, g * ck, ck).t());
-    }
-  }
-  return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+std::string deform_conv2d_path_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                                   const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                   int64_t offset_groups) {
+  check_deform_conv(input, weight, offset, mask, std::nullopt, stride, padding, dilation, groups, offset_groups);
+  return "cpu";
 }
 
 }  // namespace
@@ -361,6 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 TORCH_LIBRARY_IMPL(aecr_ops, CPU, m) {
   m.impl("deform_conv2d", &deform_conv2d_cpu);
   m.impl("deform_conv2d_backward", &deform_conv2d_backward_cpu);
+  m.impl("deform_conv2d_path", &deform_conv2d_path_cpu);
 }
 
 }  // namespace aecr

@@ -1,25 +1,29 @@
 // Deterministic input gradient of deform_conv2d on CUDA, shared by the simple and the implicit-GEMM paths:
 // the scatter of the column gradient into the input planes becomes a stable sort of the scatter targets and a
-// gather in fixed order, which gives bitwise reproducible results (no atomics).
+// gather in fixed order, which gives bitwise reproducible results (no atomics). Written over a launcher (see
+// cuda_launcher.cuh).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <optional>
 #include <tuple>
 
 #include "aecr/deform_conv.h"
+#include "cuda/device_memory.cuh"
 #include "cuda/launch.cuh"
 
 namespace aecr {
 namespace {
 
-// Deterministic input gradient, step 1: each (site, corner) becomes an entry with the key of the plane cell
-// it adds to, (image, offset group, cell), and the weight mask * bilinear weight. Corners outside the plane
-// get a key past every cell, so they sort last and belong to no cell.
+// Step 1: each (site, corner) becomes an entry with the key of the plane cell it adds to, (image, offset group,
+// cell), and the weight mask * bilinear weight. Corners of weight 0 (outside the plane among them) get a key
+// past every cell, so they sort last and belong to no cell.
 template <typename V>
-__global__ void scatter_entries_kernel(DeformConvShape s, int64_t n, const V* offset, const V* mask, int64_t* keys,
-                                       at::opmath_type<V>* weights) {
+__global__ void __launch_bounds__(kThreads, 1) scatter_entries_kernel(DeformConvShape s, int64_t n, Global<const V> offset,
+                                                                   Global<const V> mask, Global<int64_t> keys,
+                                                                   Global<at::opmath_type<V>> weights) {
   using T = at::opmath_type<V>;
   const int64_t no_cell = n * s.offset_groups * s.plane();
   AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
@@ -28,17 +32,19 @@ __global__ void scatter_entries_kernel(DeformConvShape s, int64_t n, const V* of
     const T m = site_mask<T>(s, t, mask);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const bool inside = p.weight[j] != T(0);
-      keys[4 * i + j] = inside ? (t.b * s.offset_groups + t.g) * s.plane() + p.index[j] : no_cell;
-      weights[4 * i + j] = inside ? m * p.weight[j] : T(0);
+      const bool used = p.weight[j] != T(0);
+      keys[4 * i + j] = used ? (t.b * s.offset_groups + t.g) * s.plane() + p.index[j] : no_cell;
+      weights[4 * i + j] = used ? m * p.weight[j] : T(0);
     }
   }
 }
 
 // Step 2 (after a stable sort of the keys): one thread per input cell sums its entries in sorted order.
 template <typename V>
-__global__ void gather_input_grad_kernel(DeformConvShape s, int64_t n, const int64_t* order, const int64_t* cell_start,
-                                         const at::opmath_type<V>* weights, const V* grad_columns, V* grad_input) {
+__global__ void __launch_bounds__(kThreads, 1) gather_entries_kernel(DeformConvShape s, int64_t n, Global<const int64_t> order,
+                                                                  Global<const int64_t> cell_start,
+                                                                  Global<const at::opmath_type<V>> weights,
+                                                                  Global<const V> grad_columns, Global<V> grad_input) {
   using T = at::opmath_type<V>;
   const int64_t cpg = s.channels_per_offset_group();
   AECR_GRID_STRIDE_LOOP(i, 0, n * s.channels * s.plane()) {
@@ -50,31 +56,32 @@ __global__ void gather_input_grad_kernel(DeformConvShape s, int64_t n, const int
     for (int64_t e = cell_start[key]; e < cell_start[key + 1]; ++e) {
       const int64_t entry = order[e];
       const SamplingSite t = site_from_index(s, entry / 4);
-      acc += weights[entry] * static_cast<T>(grad_columns[column_index(s, n, c, t.k, t.b, t.pixel)]);
+      acc += static_cast<T>(weights[entry]) * static_cast<T>(grad_columns[column_index(s, n, c, t.k, t.b, t.pixel)]);
     }
     grad_input[i] = static_cast<V>(acc);
   }
 }
 
-// grad_input (the chunk's n images, [n, C, H, W]) from the column gradient [C*K, n*P] of the same images.
-// `offset` and `mask` point at the chunk's first image; `launch` as in deform_conv_implicit_driver.h.
+// grad_input (the chunk's n images, [n, C, H, W]) from the column gradient [C*K, n*P] of the same images;
+// offset and mask are the chunk's. `launch` as in cuda_launcher.cuh.
 template <typename V, class L>
-void deterministic_input_grad(const L& launch, const DeformConvShape& s, int64_t n, const V* offset, const V* mask,
-                              const V* grad_columns, at::Tensor grad_input) {
+void deterministic_input_grad(const L& launch, const DeformConvShape& s, int64_t n, const at::Tensor& offset,
+                              const std::optional<at::Tensor>& mask, const at::Tensor& grad_columns,
+                              at::Tensor grad_input) {
   using T = at::opmath_type<V>;
   const int64_t sites = n * s.offset_groups * s.taps() * s.pixels();
   const auto index_options = grad_input.options().dtype(at::kLong);
   at::Tensor keys = at::empty({4 * sites}, index_options);
   at::Tensor weights = at::empty({4 * sites}, grad_input.options().dtype(c10::CppTypeToScalarType<T>::value));
-  launch(scatter_entries_kernel<V>, dim3(grid_for(sites)), dim3(kThreads), s, n, offset, mask,
-         keys.data_ptr<int64_t>(), weights.data_ptr<T>());
+  launch(scatter_entries_kernel<V>, dim3(grid_for(sites)), dim3(kThreads), s, n, device_ptr<const V>(offset),
+         optional_ptr<const V>(mask), device_ptr<int64_t>(keys), device_ptr<T>(weights));
   const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor cells = at::arange(n * s.offset_groups * s.plane() + 1, index_options);
   const at::Tensor cell_start = at::searchsorted(std::get<0>(sorted), cells);
   const at::Tensor order = std::get<1>(sorted);
-  launch(gather_input_grad_kernel<V>, dim3(grid_for(grad_input.numel())), dim3(kThreads), s, n,
-         order.data_ptr<int64_t>(), cell_start.data_ptr<int64_t>(), weights.data_ptr<T>(), grad_columns,
-         grad_input.data_ptr<V>());
+  launch(gather_entries_kernel<V>, dim3(grid_for(grad_input.numel())), dim3(kThreads), s, n,
+         device_ptr<const int64_t>(order), device_ptr<const int64_t>(cell_start), device_ptr<const T>(weights),
+         device_ptr<const V>(grad_columns), device_ptr<V>(grad_input));
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdlib>
@@ -24,6 +25,24 @@ bool implicit_path_requested() {
   return true;
 }
 
+namespace {
+
+// Whether the device runs tensor-core kernels compiled for sm_80 or newer: machine code built for it (a build
+// that only has older PTX, JIT-compiled by the driver, would run the kernels' trapping fallback).
+bool tensor_core_kernels_loaded(int device) {
+  static int cached[64] = {};  // 0 unknown, 1 yes, 2 no
+  int& known = cached[device % 64];
+  if (known == 0) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, implicit_forward_kernel<float>));
+    known = attributes.binaryVersion >= 80 && attributes.ptxVersion >= 80 ? 1 : 2;
+  }
+  return known == 1;
+}
+
+}  // namespace
+
 bool implicit_path_applies(const at::Tensor& input, const at::Tensor& weight, const DeformConvShape& s,
                            int64_t groups) {
   const at::ScalarType type = input.scalar_type();
@@ -31,12 +50,8 @@ bool implicit_path_applies(const at::Tensor& input, const at::Tensor& weight, co
                                 (type == at::kFloat && at::globalContext().allowTF32CuBLAS());
   if (!tensor_core_type || input.numel() == 0) return false;
   if (s.plane() > std::numeric_limits<int>::max()) return false;
-  // Grid y / z dimensions: output-channel tiles, groups, and (channel chunk, tap) pairs.
-  const Geometry q = geometry_of(s, input, weight, groups);
-  const int64_t grid_limit = 65535;
-  if (groups > grid_limit || ceil_div(q.out_per_group, kTile) > grid_limit) return false;
-  if (static_cast<int64_t>(channel_chunk_list(s, q).size()) * s.taps() > grid_limit) return false;
-  return at::cuda::getDeviceProperties(input.get_device())->major >= 8;
+  if (!implicit_grids_fit(s, geometry_of(s, input, weight, groups))) return false;
+  return at::cuda::getDeviceProperties(input.get_device())->major >= 8 && tensor_core_kernels_loaded(input.get_device());
 }
 
 at::Tensor deform_conv2d_implicit(const DeformConvShape& s, const at::Tensor& input, const at::Tensor& weight,

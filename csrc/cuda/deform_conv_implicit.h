@@ -1,5 +1,6 @@
-// Implicit-GEMM path of deform_conv2d on CUDA (tensor cores; see deform_conv_implicit.cu). The simple path in
-// deform_conv_cuda.cu stays the reference and serves every case this one does not take.
+// Implicit-GEMM path of deform_conv2d on CUDA (tensor cores; see deform_conv_implicit_kernels.cuh). The simple
+// path (deform_conv_driver.h over cuda/deform_conv_kernels.cuh) stays the reference and serves every case this
+// one does not take.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,12 +18,13 @@ namespace aecr {
 bool implicit_path_requested();
 
 // Whether the implicit path can take these tensors: fp16 / bf16, or fp32 when PyTorch allows TF32 in matmuls
-// (torch.backends.cuda.matmul.allow_tf32, the flag the simple path's cuBLAS GEMMs follow); a GPU of compute
-// capability >= 8.0; planes addressable with 32-bit indices; grids within CUDA's limits. Inputs must be non-empty.
+// (torch.backends.cuda.matmul.allow_tf32, the flag the simple path's cuBLAS GEMMs follow); kernels compiled for
+// compute capability >= 8.0 (not JIT-compiled from older PTX, where they would only trap) on a GPU that has it;
+// planes addressable with 32-bit indices; grids within CUDA's limits. Inputs must be non-empty.
 bool implicit_path_applies(const at::Tensor& input, const at::Tensor& weight, const DeformConvShape& s,
                            int64_t groups);
 
-// Same contracts as the deform_conv2d / deform_conv2d_backward ops; arguments already checked and contiguous.
+// Same contracts as the deform_conv2d / deform_conv2d_backward ops, for arguments checked by check_deform_conv.
 at::Tensor deform_conv2d_implicit(const DeformConvShape& s, const at::Tensor& input, const at::Tensor& weight,
                                   const at::Tensor& offset, const std::optional<at::Tensor>& mask,
                                   const std::optional<at::Tensor>& bias, int64_t groups);

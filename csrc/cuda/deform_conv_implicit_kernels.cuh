@@ -8,9 +8,9 @@
 //   - the reduction index of every GEMM is ordered (tap, channel), so a K step of 32 is one tap and 32
 //     channels of one offset group, all sharing one bilinear point per pixel;
 //   - sampling coordinates are computed once per (image, offset group, tap, pixel) into a plan
-//     (`SamplePlan`: 4 corner indices, 4 weights with the mask folded in) that the forward and the weight
-//     gradient read; the input-gradient kernel computes the full bilinear point (with derivatives) once per
-//     (pixel, tap) of its tile.
+//     (`SamplePlan`: 4 corner indices, 4 weights with the mask folded in), by the forward and again by the
+//     backward for the weight gradient; the input-gradient kernel computes the full bilinear point (with
+//     derivatives) once per (pixel, tap) of its tile.
 // Tiles are 64 x 64 with K steps of 32, four warps of 32 x 32 each.
 //
 // Gradients: weight = split-K partial products in a workspace, summed in fixed order (deterministic); offset
@@ -19,7 +19,9 @@
 // gradient of a chunk of images written out and gathered by the sort-based kernels of the simple path.
 //
 // Device code only (no CUDA runtime calls): deform_conv_implicit_driver.h launches these kernels through a
-// launcher, the CUDA one in production and the CPU emulator of tests/cuda_emulation in the CPU tests.
+// launcher, the CUDA one in production and the CPU emulator of tests/cuda_emulation in the CPU tests. Below
+// sm_80 (no bf16 / TF32 WMMA) the kernels are compiled to a trap, and the host never launches them
+// (implicit_path_applies checks what was compiled).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -34,9 +36,10 @@
 #endif
 
 #include "aecr/deform_conv.h"
+#include "cuda/device_memory.cuh"
 #include "cuda/launch.cuh"
 
-// WMMA with bf16 and TF32 needs sm_80; older targets compile empty kernels that the host never launches.
+// WMMA with bf16 and TF32 needs sm_80; older targets compile kernels that trap, which the host never launches.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define AECR_TENSOR_CORES 1
 #endif
@@ -133,11 +136,16 @@ struct WarpTile {
   }
 };
 
-// One sampling site's four corners: flat offsets into the plane and mask * bilinear weight (0 outside).
+// One sampling site's four corners: flat offsets into the plane (-1 outside it: not read) and mask * bilinear
+// weight (0 outside).
 struct SamplePlan {
   int index[4];
   float weight[4];
 };
+
+// The plan of a tile position past the last pixel: no corner, so nothing is read (a zero weight would still
+// multiply whatever pixel 0 holds, NaN included, into the tile).
+AECR_HOST_DEVICE AECR_INLINE SamplePlan no_sample() { return SamplePlan{{-1, -1, -1, -1}, {0.f, 0.f, 0.f, 0.f}}; }
 
 // A run of at most kTile channels inside one conv group and one offset group: the unit along C of the
 // gradient kernels' tiles.
@@ -152,9 +160,45 @@ struct Geometry {
   int64_t out_per_group;    // C_out / groups
 };
 
+AECR_HOST_DEVICE AECR_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Calls fn(chunk index, chunk) for the channel chunks in order: channel runs of at most kTile channels, each
+// inside one conv group and one offset group; fn returns false to stop. Computed, not stored, so that no
+// launch depends on a table copied from the host (which a CUDA graph would capture by its address).
+template <class Fn>
+AECR_HOST_DEVICE AECR_INLINE void for_each_channel_chunk(const DeformConvShape& s, const Geometry& q, Fn fn) {
+  const int64_t cpg = s.channels_per_offset_group();
+  int64_t index = 0;
+  for (int64_t g = 0; g < q.groups; ++g) {
+    const int64_t lo = g * q.in_per_group, hi = lo + q.in_per_group;
+    for (int64_t og = lo / cpg; og * cpg < hi; ++og) {
+      const int64_t seg_lo = lo > og * cpg ? lo : og * cpg, seg_hi = hi < (og + 1) * cpg ? hi : (og + 1) * cpg;
+      for (int64_t c = seg_lo; c < seg_hi; c += kTile, ++index) {
+        if (!fn(index, ChannelChunk{g, og, c, seg_hi < c + kTile ? seg_hi : c + kTile})) return;
+      }
+    }
+  }
+}
+
+AECR_HOST_DEVICE AECR_INLINE int64_t channel_chunk_count(const DeformConvShape& s, const Geometry& q) {
+  int64_t count = 0;
+  for_each_channel_chunk(s, q, [&](int64_t, const ChannelChunk&) { return ++count > 0; });
+  return count;
+}
+
+AECR_HOST_DEVICE AECR_INLINE ChannelChunk channel_chunk(const DeformConvShape& s, const Geometry& q, int64_t index) {
+  ChannelChunk found{0, 0, 0, 0};
+  for_each_channel_chunk(s, q, [&](int64_t i, const ChannelChunk& c) {
+    found = c;
+    return i < index;
+  });
+  return found;
+}
+
 template <typename V>
-__global__ void sample_plan_kernel(DeformConvShape s, int64_t images, const V* offset, const V* mask,
-                                   SamplePlan* plan) {
+__global__ void __launch_bounds__(kThreads, 1) implicit_sample_plan_kernel(DeformConvShape s, int64_t images,
+                                                                        Global<const V> offset, Global<const V> mask,
+                                                                        Global<SamplePlan> plan) {
   AECR_GRID_STRIDE_LOOP(i, 0, images * s.offset_groups * s.taps() * s.pixels()) {
     const SamplingSite t = site_from_index(s, i);
     const BilinearPoint<float> p = site_point<float>(s, t, offset);
@@ -162,7 +206,7 @@ __global__ void sample_plan_kernel(DeformConvShape s, int64_t images, const V* o
     SamplePlan q;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      q.index[j] = static_cast<int>(p.index[j]);
+      q.index[j] = p.inside[j] ? static_cast<int>(p.index[j]) : -1;
       q.weight[j] = m * p.weight[j];
     }
     plan[i] = q;
@@ -170,11 +214,13 @@ __global__ void sample_plan_kernel(DeformConvShape s, int64_t images, const V* o
 }
 
 // Masked bilinear sample of channel c: `image` is the pixel's image (channels-last), C its channel count.
-template <typename V>
-__device__ AECR_INLINE float gather_sample(const SamplePlan& p, const V* image, int64_t c, int64_t C) {
+template <typename In>
+__device__ AECR_INLINE float gather_sample(const SamplePlan& p, In image, int64_t c, int64_t C) {
   float v = 0.f;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) v += p.weight[j] * static_cast<float>(image[int64_t(p.index[j]) * C + c]);
+  for (int j = 0; j < 4; ++j) {
+    if (p.index[j] >= 0) v += p.weight[j] * static_cast<float>(image[int64_t(p.index[j]) * C + c]);
+  }
   return v;
 }
 
@@ -187,17 +233,19 @@ __device__ AECR_INLINE int64_t plan_index(const DeformConvShape& s, int64_t n, i
 // Grid (pixel tiles, output-channel tiles, groups). A = weight tile (row-major), B = column tile built from
 // the input (stored column-major: b_s[pixel][channel]).
 template <typename V>
-__global__ void __launch_bounds__(kBlockThreads) forward_kernel(DeformConvShape s, Geometry q, const V* input,
-                                                                const SamplePlan* plan, const V* weight,
-                                                                const V* bias, V* output) {
+__global__ void __launch_bounds__(kBlockThreads, 1) implicit_forward_kernel(DeformConvShape s, Geometry q,
+                                                                         Global<const V> input,
+                                                                         Global<const SamplePlan> plan,
+                                                                         Global<const V> weight, Global<const V> bias,
+                                                                         Global<V> output) {
 #ifdef AECR_TENSOR_CORES
   using M = Mma<V>;
   using S = typename M::Smem;
-  __shared__ __align__(32) S a_s[kTile][kStep + kPad];
-  __shared__ __align__(32) S b_s[kTile][kStep + kPad];
-  __shared__ __align__(32) float c_s[kTile][kTile + kAccPad];
-  __shared__ SamplePlan plan_s[kTile];
-  __shared__ int64_t image_s[kTile];
+  __shared__ __align__(32) Shared<S[kTile][kStep + kPad]> a_s;
+  __shared__ __align__(32) Shared<S[kTile][kStep + kPad]> b_s;
+  __shared__ __align__(32) Shared<float[kTile][kTile + kAccPad]> c_s;
+  __shared__ Shared<SamplePlan[kTile]> plan_s;
+  __shared__ Shared<int64_t[kTile]> image_s;
 
   const int tid = threadIdx.x, warp = tid / 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
@@ -218,7 +266,7 @@ __global__ void __launch_bounds__(kBlockThreads) forward_kernel(DeformConvShape 
       __syncthreads();  // the previous segment's tiles are consumed
       if (tid < kTile) {
         const int64_t n = n0 + tid;
-        SamplePlan e{};
+        SamplePlan e = no_sample();
         if (n < q.columns) e = plan[plan_index(s, n, og, k)];
         plan_s[tid] = e;
       }
@@ -258,6 +306,8 @@ __global__ void __launch_bounds__(kBlockThreads) forward_kernel(DeformConvShape 
       output[(n / P * out_channels + oc) * P + n % P] = static_cast<V>(v);
     }
   }
+#else
+  __trap();
 #endif
 }
 
@@ -267,25 +317,28 @@ __global__ void __launch_bounds__(kBlockThreads) forward_kernel(DeformConvShape 
 //   grad_input  += mask * w_j * gcol at the four corners (atomics), or writes gcol to `columns` (deterministic);
 //   partial sums over the chunk's channels of gcol * (sample, d sample/dh, d sample/dw) -> `partial`.
 template <typename V>
-__global__ void __launch_bounds__(kBlockThreads) input_grad_kernel(
-    DeformConvShape s, Geometry q, const ChannelChunk* chunks, int64_t n_begin, int64_t n_end, const V* input,
-    const V* offset, const V* mask, const V* weight, const V* grad_output, float* grad_input, V* columns,
-    int64_t column_first_image, int64_t column_images, float* partial) {
+__global__ void __launch_bounds__(kBlockThreads, 1) implicit_input_grad_kernel(
+    DeformConvShape s, Geometry q, int64_t n_begin, int64_t n_end, Global<const V> input, Global<const V> offset,
+    Global<const V> mask, Global<const V> weight, Global<const V> grad_output, Global<float> grad_input,
+    Global<V> columns, int64_t column_first_image, int64_t column_images, Global<float> partial) {
 #ifdef AECR_TENSOR_CORES
   using M = Mma<V>;
   using S = typename M::Smem;
-  __shared__ __align__(32) S a_s[kStep][kTile + kPad];
-  __shared__ __align__(32) S b_s[kStep][kTile + kPad];
-  __shared__ __align__(32) float c_s[kTile][kTile + kAccPad];  // column-major: c_s[pixel][channel]
-  __shared__ int pt_index[kTile][4];
-  __shared__ float pt_weight[kTile][4], pt_dh[kTile][4], pt_dw[kTile][4], pt_mask[kTile];
-  __shared__ int64_t image_s[kTile];
+  __shared__ __align__(32) Shared<S[kStep][kTile + kPad]> a_s;
+  __shared__ __align__(32) Shared<S[kStep][kTile + kPad]> b_s;
+  __shared__ __align__(32) Shared<float[kTile][kTile + kAccPad]> c_s;  // column-major: c_s[pixel][channel]
+  __shared__ Shared<int[kTile][4]> pt_index;  // -1: outside the plane
+  __shared__ Shared<float[kTile][4]> pt_weight;
+  __shared__ Shared<float[kTile][4]> pt_dh;
+  __shared__ Shared<float[kTile][4]> pt_dw;
+  __shared__ Shared<float[kTile]> pt_mask;
+  __shared__ Shared<int64_t[kTile]> image_s;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
   const int64_t K = s.taps(), P = s.pixels(), C = s.channels;
   const int64_t chunk = blockIdx.y / K, k = blockIdx.y % K;
-  const ChannelChunk ch = chunks[chunk];
+  const ChannelChunk ch = channel_chunk(s, q, chunk);
   const int64_t g = ch.group, c_lo = g * q.in_per_group;
   const int64_t n0 = n_begin + blockIdx.x * int64_t(kTile);
   const int64_t out_channels = q.groups * q.out_per_group;
@@ -301,7 +354,7 @@ __global__ void __launch_bounds__(kBlockThreads) input_grad_kernel(
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      pt_index[tid][j] = static_cast<int>(p.index[j]);
+      pt_index[tid][j] = p.inside[j] ? static_cast<int>(p.index[j]) : -1;
       pt_weight[tid][j] = p.weight[j];
       pt_dh[tid][j] = p.d_h[j];
       pt_dw[tid][j] = p.d_w[j];
@@ -353,12 +406,14 @@ __global__ void __launch_bounds__(kBlockThreads) input_grad_kernel(
       const int64_t base = image_s[nn] + c;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int64_t at = base + int64_t(pt_index[nn][j]) * C;
-        const float x = static_cast<float>(input[at]);
-        sv += gcol * pt_weight[nn][j] * x;
+        const int corner = pt_index[nn][j];
+        if (corner < 0) continue;  // outside the plane: contributes nothing, not read
+        const int64_t at = base + int64_t(corner) * C;
+        const float x = static_cast<float>(input[at]), w = pt_weight[nn][j];
+        sv += gcol * w * x;
         sh += gcol * pt_dh[nn][j] * x;
         sw += gcol * pt_dw[nn][j] * x;
-        if (grad_input != nullptr && pt_weight[nn][j] != 0.f) atomicAdd(grad_input + at, m * pt_weight[nn][j] * gcol);
+        if (grad_input != nullptr && w != 0.f) atomicAdd(grad_input + at, m * w * gcol);
       }
     }
 #pragma unroll
@@ -368,7 +423,7 @@ __global__ void __launch_bounds__(kBlockThreads) input_grad_kernel(
       sw += __shfl_xor_sync(0xffffffffu, sw, d);
     }
     if (lane == 0) {
-      float* out = partial + (chunk * K + k) * 3 * q.columns + n;
+      const Global<float> out = partial + (chunk * K + k) * 3 * q.columns + n;
       out[0] = sv;
       out[q.columns] = sh;
       out[2 * q.columns] = sw;
@@ -383,26 +438,32 @@ __global__ void __launch_bounds__(kBlockThreads) input_grad_kernel(
       }
     }
   }
+#else
+  __trap();
 #endif
 }
 
 // Offset and mask gradients of every site: the chunks' partial sums in chunk order (deterministic).
 template <typename V>
-__global__ void offset_mask_grad_kernel(DeformConvShape s, int64_t images, int64_t columns, const ChannelChunk* chunks,
-                                        int64_t n_chunks, const float* partial, const V* mask, V* grad_offset,
-                                        V* grad_mask) {
-  const int64_t K = s.taps(), P = s.pixels();
-  AECR_GRID_STRIDE_LOOP(i, 0, images * s.offset_groups * K * P) {
+__global__ void __launch_bounds__(kThreads, 1) implicit_offset_mask_grad_kernel(DeformConvShape s, Geometry q,
+                                                                             Global<const float> partial,
+                                                                             Global<const V> mask,
+                                                                             Global<V> grad_offset,
+                                                                             Global<V> grad_mask) {
+  const int64_t K = s.taps(), P = s.pixels(), columns = q.columns;
+  AECR_GRID_STRIDE_LOOP(i, 0, columns / P * s.offset_groups * K * P) {
     const SamplingSite t = site_from_index(s, i);
     const int64_t n = t.b * P + t.pixel;
     SiteGradSums<float> sums{0.f, 0.f, 0.f};
-    for (int64_t c = 0; c < n_chunks; ++c) {
-      if (chunks[c].offset_group != t.g) continue;
-      const float* part = partial + (c * K + t.k) * 3 * columns + n;
-      sums.value += part[0];
-      sums.h += part[columns];
-      sums.w += part[2 * columns];
-    }
+    for_each_channel_chunk(s, q, [&](int64_t c, const ChannelChunk& chunk) {
+      if (chunk.offset_group == t.g) {
+        const auto part = partial + (c * K + t.k) * 3 * columns + n;
+        sums.value += static_cast<float>(part[0]);
+        sums.h += static_cast<float>(part[columns]);
+        sums.w += static_cast<float>(part[2 * columns]);
+      }
+      return true;
+    });
     store_site_grad<float>(s, t, site_mask<float>(s, t, mask), sums, grad_offset, grad_mask);
   }
 }
@@ -411,24 +472,25 @@ __global__ void offset_mask_grad_kernel(DeformConvShape s, int64_t images, int64
 // Grid (chunk * K + tap, output-channel tiles, pixel splits). A = grad_out tile (row-major a_s[co][pixel]),
 // B = column tile (row-major b_s[pixel][channel]). Each split writes its own slice of `partial`.
 template <typename V>
-__global__ void __launch_bounds__(kBlockThreads) weight_grad_kernel(DeformConvShape s, Geometry q,
-                                                                    const ChannelChunk* chunks, int64_t per_split,
-                                                                    const V* input, const SamplePlan* plan,
-                                                                    const V* grad_output, float* partial) {
+__global__ void __launch_bounds__(kBlockThreads, 1) implicit_weight_grad_kernel(DeformConvShape s, Geometry q,
+                                                                             int64_t per_split, Global<const V> input,
+                                                                             Global<const SamplePlan> plan,
+                                                                             Global<const V> grad_output,
+                                                                             Global<float> partial) {
 #ifdef AECR_TENSOR_CORES
   using M = Mma<V>;
   using S = typename M::Smem;
-  __shared__ __align__(32) S a_s[kTile][kStep + kPad];
-  __shared__ __align__(32) S b_s[kStep][kTile + kPad];
-  __shared__ __align__(32) float c_s[kTile][kTile + kAccPad];
-  __shared__ SamplePlan plan_s[kStep];
-  __shared__ int64_t image_s[kStep];
+  __shared__ __align__(32) Shared<S[kTile][kStep + kPad]> a_s;
+  __shared__ __align__(32) Shared<S[kStep][kTile + kPad]> b_s;
+  __shared__ __align__(32) Shared<float[kTile][kTile + kAccPad]> c_s;
+  __shared__ Shared<SamplePlan[kStep]> plan_s;
+  __shared__ Shared<int64_t[kStep]> image_s;
 
   const int tid = threadIdx.x, warp = tid / 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
   const int64_t K = s.taps(), P = s.pixels(), C = s.channels;
   const int64_t chunk = blockIdx.x / K, k = blockIdx.x % K;
-  const ChannelChunk ch = chunks[chunk];
+  const ChannelChunk ch = channel_chunk(s, q, chunk);
   const int64_t g = ch.group, c_lo = g * q.in_per_group;
   const int64_t m0 = blockIdx.y * int64_t(kTile);
   const int64_t n_lo = blockIdx.z * per_split, n_hi = n_lo + per_split < q.columns ? n_lo + per_split : q.columns;
@@ -440,7 +502,7 @@ __global__ void __launch_bounds__(kBlockThreads) weight_grad_kernel(DeformConvSh
     __syncthreads();
     if (tid < kStep) {
       const int64_t n = nb + tid;
-      SamplePlan e{};
+      SamplePlan e = no_sample();
       if (n < n_hi) e = plan[plan_index(s, n, ch.offset_group, k)];
       plan_s[tid] = e;
       image_s[tid] = n < n_hi ? n / P * s.plane() * C : 0;
@@ -467,7 +529,7 @@ __global__ void __launch_bounds__(kBlockThreads) weight_grad_kernel(DeformConvSh
   }
   tile.store([&](int i, int j) { return &c_s[wm + 16 * i][wn + 16 * j]; }, kTile + kAccPad, wmma::mem_row_major);
   __syncthreads();
-  float* out = partial + blockIdx.z * out_channels * K * q.in_per_group;
+  const Global<float> out = partial + blockIdx.z * out_channels * K * q.in_per_group;
   for (int e = tid; e < kTile * kTile; e += kBlockThreads) {
     const int r = e / kTile, nn = e % kTile;
     const int64_t co = m0 + r, c = ch.begin + nn;
@@ -475,11 +537,14 @@ __global__ void __launch_bounds__(kBlockThreads) weight_grad_kernel(DeformConvSh
       out[((g * q.out_per_group + co) * K + k) * q.in_per_group + (c - c_lo)] = c_s[r][nn];
     }
   }
+#else
+  __trap();
 #endif
 }
 
 // Sum of the splits' partial weight gradients, in split order.
-__global__ void sum_splits_kernel(const float* partial, int64_t splits, int64_t size, float* out) {
+__global__ void __launch_bounds__(kThreads, 1) implicit_sum_splits_kernel(Global<const float> partial, int64_t splits,
+                                                                       int64_t size, Global<float> out) {
   AECR_GRID_STRIDE_LOOP(i, 0, size) {
     float v = 0.f;
     for (int64_t z = 0; z < splits; ++z) v += partial[z * size + i];

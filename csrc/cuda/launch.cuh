@@ -1,5 +1,10 @@
 // Launch helpers shared by the CUDA drivers: block size, a bounded grid, and grid-stride loops with 64-bit
 // indices (so any tensor size works with any grid).
+//
+// Every kernel declares __launch_bounds__(its block size, 1): the bound makes a larger launch fail instead of
+// running out of registers, and the 1 (one resident block suffices) lets ptxas use the registers it needs; with
+// the block size alone it trades registers for occupancy and spills (benchmarks/cuda_resources.py checks that
+// no kernel spills).
 #pragma once
 
 #include <algorithm>

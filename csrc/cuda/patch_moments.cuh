@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "aecr/patch_stats.h"
+#include "cuda/device_memory.cuh"
 
 namespace aecr {
 namespace {
@@ -29,11 +30,12 @@ constexpr int kMomentSlots = int(kMomentMaxFeatures * kMomentMaxFeatures / kMome
 AECR_HOST_DEVICE AECR_INLINE int64_t moment_record(int64_t f) { return 1 + 2 * f + f * f; }
 
 template <typename V>
-__global__ void __launch_bounds__(kMomentThreads) patch_moments_kernel(PatchShape s, int64_t rows_per_block,
-                                                                       const V* input, at::opmath_type<V>* partial) {
+__global__ void __launch_bounds__(kMomentThreads, 1) patch_moments_kernel(PatchShape s, int64_t rows_per_block,
+                                                                       Global<const V> input,
+                                                                       Global<at::opmath_type<V>> partial) {
   using T = at::opmath_type<V>;
-  __shared__ T x_s[kMomentRows][kMomentMaxFeatures];
-  __shared__ T shift_s[kMomentMaxFeatures];
+  __shared__ Shared<T[kMomentRows][kMomentMaxFeatures]> x_s;
+  __shared__ Shared<T[kMomentMaxFeatures]> shift_s;
   const int tid = threadIdx.x;
   const int64_t F = s.features, g = blockIdx.y, M = s.matrix_rows();
   const int64_t lo = blockIdx.x * rows_per_block;
@@ -56,7 +58,7 @@ __global__ void __launch_bounds__(kMomentThreads) patch_moments_kernel(PatchShap
     if (m0 == lo) {  // the shift: the mean of the block's first rows
       if (tid < F) {
         T acc = T(0);
-        for (int rr = 0; rr < rows; ++rr) acc += x_s[rr][tid];
+        for (int rr = 0; rr < rows; ++rr) acc += static_cast<T>(x_s[rr][tid]);
         shift_s[tid] = acc / T(rows);
       }
       __syncthreads();
@@ -64,7 +66,7 @@ __global__ void __launch_bounds__(kMomentThreads) patch_moments_kernel(PatchShap
       __syncthreads();
     }
     if (tid < F) {
-      for (int rr = 0; rr < rows; ++rr) sum += x_s[rr][tid];
+      for (int rr = 0; rr < rows; ++rr) sum += static_cast<T>(x_s[rr][tid]);
     }
 #pragma unroll
     for (int i = 0; i < kMomentSlots; ++i) {
@@ -72,15 +74,15 @@ __global__ void __launch_bounds__(kMomentThreads) patch_moments_kernel(PatchShap
       if (e < F * F) {
         const int64_t f = e / F, h = e % F;
         T acc = T(0);
-        for (int rr = 0; rr < rows; ++rr) acc += x_s[rr][f] * x_s[rr][h];
+        for (int rr = 0; rr < rows; ++rr) acc += static_cast<T>(x_s[rr][f]) * static_cast<T>(x_s[rr][h]);
         q[i] += acc;
       }
     }
   }
-  T* out = partial + (g * gridDim.x + blockIdx.x) * moment_record(F);
+  const auto out = partial + (g * gridDim.x + blockIdx.x) * moment_record(F);
   if (tid == 0) out[0] = T(hi > lo ? hi - lo : 0);
   if (tid < F) {
-    out[1 + tid] = hi > lo ? shift_s[tid] : T(0);
+    out[1 + tid] = hi > lo ? static_cast<T>(shift_s[tid]) : T(0);
     out[1 + F + tid] = sum;
   }
 #pragma unroll
@@ -91,34 +93,35 @@ __global__ void __launch_bounds__(kMomentThreads) patch_moments_kernel(PatchShap
 }
 
 template <typename V>
-__global__ void __launch_bounds__(kMomentThreads) merge_moments_kernel(int64_t features, int64_t blocks,
+__global__ void __launch_bounds__(kMomentThreads, 1) merge_moments_kernel(int64_t features, int64_t blocks,
                                                                        int64_t total_rows, double eps,
-                                                                       const at::opmath_type<V>* partial, V* mean,
-                                                                       V* cov) {
-  __shared__ double mean_s[kMomentMaxFeatures];
+                                                                       Global<const at::opmath_type<V>> partial,
+                                                                       Global<V> mean, Global<V> cov) {
+  __shared__ Shared<double[kMomentMaxFeatures]> mean_s;
   const int tid = threadIdx.x;
   const int64_t F = features, g = blockIdx.x, R = moment_record(F);
-  const auto* part = partial + g * blocks * R;
+  const auto part = partial + g * blocks * R;
   const double total = static_cast<double>(total_rows);
   if (tid < F) {
     double acc = 0;
     for (int64_t b = 0; b < blocks; ++b) {
-      const double n = part[b * R];
+      const double n = static_cast<double>(part[b * R]);
       acc += n * static_cast<double>(part[b * R + 1 + tid]) + static_cast<double>(part[b * R + 1 + F + tid]);
     }
     mean_s[tid] = acc / total;
-    mean[g * F + tid] = static_cast<V>(mean_s[tid]);
+    mean[g * F + tid] = static_cast<V>(acc / total);
   }
   __syncthreads();
   for (int64_t e = tid; e < F * F; e += kMomentThreads) {
     const int64_t f = e / F, h = e % F;
     double acc = 0;
     for (int64_t b = 0; b < blocks; ++b) {
-      const auto* r = part + b * R;
-      const double n = r[0];
+      const auto r = part + b * R;
+      const double n = static_cast<double>(r[0]);
       if (n == 0) continue;
-      const double sf = r[1 + F + f], sh = r[1 + F + h];
-      const double df = r[1 + f] + sf / n - mean_s[f], dh = r[1 + h] + sh / n - mean_s[h];
+      const double sf = static_cast<double>(r[1 + F + f]), sh = static_cast<double>(r[1 + F + h]);
+      const double df = static_cast<double>(r[1 + f]) + sf / n - static_cast<double>(mean_s[f]);
+      const double dh = static_cast<double>(r[1 + h]) + sh / n - static_cast<double>(mean_s[h]);
       acc += static_cast<double>(r[1 + 2 * F + e]) - sf * sh / n + n * df * dh;
     }
     cov[g * F * F + e] = static_cast<V>(acc / total + (f == h ? eps : 0.0));
@@ -142,9 +145,9 @@ void patch_moments(const L& launch, const PatchShape& s, const at::Tensor& input
     at::Tensor partial = at::empty({s.groups * blocks * moment_record(s.features)},
                                    input.options().dtype(c10::CppTypeToScalarType<T>::value));
     launch(patch_moments_kernel<scalar_t>, dim3(blocks, s.groups), dim3(kMomentThreads), s, per_block,
-           input.data_ptr<scalar_t>(), partial.data_ptr<T>());
+           device_ptr<const scalar_t>(input), device_ptr<T>(partial));
     launch(merge_moments_kernel<scalar_t>, dim3(s.groups), dim3(kMomentThreads), s.features, blocks, rows, eps,
-           static_cast<const T*>(partial.data_ptr<T>()), mean.data_ptr<scalar_t>(), cov.data_ptr<scalar_t>());
+           device_ptr<const T>(partial), device_ptr<scalar_t>(mean), device_ptr<scalar_t>(cov));
   });
 }
 

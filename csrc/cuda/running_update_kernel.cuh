@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "aecr/running_update.h"
+#include "cuda/device_memory.cuh"
 
 namespace aecr {
 namespace {
@@ -16,24 +17,24 @@ namespace {
 constexpr int kRunningUpdateThreads = 256;
 
 template <typename V>
-__global__ void __launch_bounds__(kRunningUpdateThreads) running_update_kernel(
-    V* running_mean, V* running_deconv, const V* mean, const V* deconv, int64_t n_mean, int64_t n_deconv, V keep,
-    V momentum, bool* finite) {
-  __shared__ int bad;
+__global__ void __launch_bounds__(kRunningUpdateThreads, 1) running_update_kernel(
+    Global<V> running_mean, Global<V> running_deconv, Global<const V> mean, Global<const V> deconv, int64_t n_mean,
+    int64_t n_deconv, V keep, V momentum, Global<bool> finite) {
+  __shared__ Shared<int> bad;
   if (threadIdx.x == 0) bad = 0;
   __syncthreads();
   int mine = 0;
-  for (int64_t i = threadIdx.x; i < n_mean; i += blockDim.x) mine |= !finite_value(mean[i]);
-  for (int64_t i = threadIdx.x; i < n_deconv; i += blockDim.x) mine |= !finite_value(deconv[i]);
+  for (int64_t i = threadIdx.x; i < n_mean; i += blockDim.x) mine |= !finite_value(static_cast<V>(mean[i]));
+  for (int64_t i = threadIdx.x; i < n_deconv; i += blockDim.x) mine |= !finite_value(static_cast<V>(deconv[i]));
   if (mine) atomicOr(&bad, 1);
   __syncthreads();
   const bool ok = bad == 0;
   if (ok) {
     for (int64_t i = threadIdx.x; i < n_mean; i += blockDim.x) {
-      running_mean[i] = running_update(running_mean[i], mean[i], keep, momentum);
+      running_mean[i] = running_update<V>(running_mean[i], mean[i], keep, momentum);
     }
     for (int64_t i = threadIdx.x; i < n_deconv; i += blockDim.x) {
-      running_deconv[i] = running_update(running_deconv[i], deconv[i], keep, momentum);
+      running_deconv[i] = running_update<V>(running_deconv[i], deconv[i], keep, momentum);
     }
   }
   if (threadIdx.x == 0) *finite = ok;
@@ -46,10 +47,10 @@ at::Tensor running_update_launch(const L& launch, at::Tensor& running_mean, at::
   const at::Tensor mean = mean_.contiguous(), deconv = deconv_.contiguous();
   at::Tensor finite = at::empty({}, mean.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "fastdeconv_update_running", [&] {
-    launch(running_update_kernel<scalar_t>, dim3(1), dim3(kRunningUpdateThreads), running_mean.data_ptr<scalar_t>(),
-           running_deconv.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), deconv.data_ptr<scalar_t>(),
+    launch(running_update_kernel<scalar_t>, dim3(1), dim3(kRunningUpdateThreads), device_ptr<scalar_t>(running_mean),
+           device_ptr<scalar_t>(running_deconv), device_ptr<const scalar_t>(mean), device_ptr<const scalar_t>(deconv),
            mean.numel(), deconv.numel(), static_cast<scalar_t>(1.0 - momentum), static_cast<scalar_t>(momentum),
-           finite.data_ptr<bool>());
+           device_ptr<bool>(finite));
   });
   return finite;
 }

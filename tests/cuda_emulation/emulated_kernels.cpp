@@ -1,96 +1,114 @@
-// CUDA drivers and kernels built for the CPU emulator, as a Python module for tests/test_cuda_emulation.py:
-// the implicit-GEMM deform_conv2d (csrc/cuda/deform_conv_implicit_*), FastDeconv's two-launch patch
-// statistics (csrc/cuda/patch_moments.cuh), fused Newton-Schulz (csrc/cuda/newton_schulz_kernels.cuh) and
-// running update (csrc/cuda/running_update_kernel.cuh). The tensors are CPU tensors; the kernels run with emulated threads,
-// shared memory and tensor cores.
+// Every CUDA kernel of the project, with its real driver, built for the CPU emulator (cuda_emulation.h) as a
+// Python module for the emulated tests: deform_conv2d's simple path (deform_conv_driver.h over
+// cuda/deform_conv_kernels.cuh, atomic and deterministic input gradients) and implicit-GEMM path, FastDeconv's
+// ops (fastdeconv_driver.h over cuda/fastdeconv_kernels.cuh: two-launch and tiled statistics and their
+// backward, fused and spectral Newton-Schulz) and the running update. The tensors are CPU tensors.
 #define AECR_CUDA_EMULATION 1
 #include "cuda_emulation.h"
 
 #include <torch/extension.h>
 
+#include <map>
+#include <string>
+#include <tuple>
+
 #include "cuda/deform_conv_implicit_driver.h"
-#include "cuda/newton_schulz_kernels.cuh"
-#include "cuda/patch_moments.cuh"
+#include "cuda/deform_conv_kernels.cuh"
+#include "cuda/fastdeconv_kernels.cuh"
 #include "cuda/running_update_kernel.cuh"
+#include "deform_conv_driver.h"
 #include "fastdeconv_driver.h"
 
 namespace {
 
-std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : t;
+using SimplePath = aecr::GpuDeformConvKernels<EmulatedLauncher>;
+using FastDeconv = aecr::FastDeconvDriver<aecr::GpuFastDeconvKernels<EmulatedLauncher>>;
+
+// deform_conv2d as the CUDA op computes it: `path` "simple" (with a column budget of `column_budget` elements
+// per chunk) or "implicit".
+at::Tensor dcn_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                       std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                       int64_t groups, int64_t offset_groups, const std::string& path, int64_t column_budget) {
+  const aecr::DeformConvShape s =
+      aecr::check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups);
+  if (path == "implicit") return aecr::implicit_forward(EmulatedLauncher{}, s, input, weight, offset, mask, bias, groups);
+  TORCH_CHECK(path == "simple", "path must be \"simple\" or \"implicit\"");
+  return aecr::deform_conv2d_forward(SimplePath{EmulatedLauncher{}, false, column_budget}, s, input, weight, offset,
+                                     mask, bias, groups);
 }
 
-at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                   const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                   std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                   int64_t groups, int64_t offset_groups) {
-  const aecr::DeformConvShape s = aecr::check_deform_conv(input, weight, offset, mask, bias, stride, padding,
-                                                          dilation, groups, offset_groups);
-  return aecr::implicit_forward(EmulatedLauncher{}, s, input.contiguous(), weight.contiguous(), offset.contiguous(),
-                                contiguous(mask), contiguous(bias), groups);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcn_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
     const std::optional<at::Tensor>& mask, std::vector<int64_t> stride, std::vector<int64_t> padding,
-    std::vector<int64_t> dilation, int64_t groups, int64_t offset_groups, bool deterministic, int64_t sms) {
-  const aecr::DeformConvShape s = aecr::check_deform_conv(input, weight, offset, mask, std::nullopt, stride,
-                                                          padding, dilation, groups, offset_groups);
-  return aecr::implicit_backward(EmulatedLauncher{sms}, s, grad_output.contiguous(), input.contiguous(),
-                                 weight.contiguous(), offset.contiguous(), contiguous(mask), groups, deterministic);
-}
-
-// (mean, cov) as the patch_statistics op, by the two-launch kernels (F <= 64).
-std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& input, std::vector<int64_t> kernel_size,
-                                           std::vector<int64_t> dilation, std::vector<int64_t> padding,
-                                           int64_t sampling_stride, int64_t block, int64_t groups, double eps,
-                                           int64_t sms) {
-  const aecr::PatchShape s =
-      aecr::make_patch_shape(input, kernel_size, dilation, padding, sampling_stride, block, groups);
-  TORCH_CHECK(s.features <= aecr::kMomentMaxFeatures, "moments: at most ", aecr::kMomentMaxFeatures, " features");
-  at::Tensor mean, cov;
-  aecr::patch_moments(EmulatedLauncher{sms}, s, input.contiguous(), eps, mean, cov);
-  return {mean, cov};
-}
-
-// The FastDeconv driver's Newton-Schulz with the fused CUDA kernels (F <= 48; the spectral form is not emulated).
-struct EmulatedNewtonSchulz {
-  static at::Tensor ns_fused_forward(const at::Tensor& a, const at::Tensor& norm, int64_t n_iter) {
-    return aecr::ns_fused_forward_launch(EmulatedLauncher{}, a, norm, n_iter);
+    std::vector<int64_t> dilation, int64_t groups, int64_t offset_groups, const std::string& path, bool deterministic,
+    int64_t column_budget) {
+  const aecr::DeformConvShape s = aecr::check_deform_conv(input, weight, offset, mask, std::nullopt, stride, padding,
+                                                          dilation, groups, offset_groups);
+  aecr::check_grad_output(grad_output, input, s, weight.size(0));
+  if (path == "implicit") {
+    return aecr::implicit_backward(EmulatedLauncher{}, s, grad_output, input, weight, offset, mask, groups,
+                                   deterministic);
   }
-  static at::Tensor ns_fused_backward(const at::Tensor& a, const at::Tensor& norm, const at::Tensor& grad,
-                                      int64_t n_iter) {
-    return aecr::ns_fused_backward_launch(EmulatedLauncher{}, a, norm, grad, n_iter);
-  }
-  static at::Tensor ns_spectral_values(const at::Tensor&, int64_t) { TORCH_CHECK(false, "not emulated"); }
-  static at::Tensor ns_divided_differences(const at::Tensor&, int64_t) { TORCH_CHECK(false, "not emulated"); }
-};
-
-using NewtonSchulz = aecr::FastDeconvDriver<EmulatedNewtonSchulz>;
-
-at::Tensor isqrt(const at::Tensor& a, int64_t n_iter) {
-  TORCH_CHECK(a.dim() == 3 && a.size(1) <= aecr::kNsFusedMaxFeatures, "isqrt: [B, F, F] with F <= 48");
-  return std::get<0>(NewtonSchulz::isqrt(a, n_iter));
+  TORCH_CHECK(path == "simple", "path must be \"simple\" or \"implicit\"");
+  return aecr::deform_conv2d_backward(SimplePath{EmulatedLauncher{}, deterministic, column_budget}, s, grad_output,
+                                      input, weight, offset, mask, groups);
 }
 
-at::Tensor isqrt_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& result, int64_t n_iter) {
-  return NewtonSchulz::isqrt_backward(grad, a, result, at::empty({0}, a.options()), n_iter);
+std::tuple<at::Tensor, at::Tensor> patch_statistics(const at::Tensor& input, std::vector<int64_t> kernel_size,
+                                                    std::vector<int64_t> dilation, std::vector<int64_t> padding,
+                                                    int64_t sampling_stride, int64_t block, int64_t groups, double eps,
+                                                    int64_t tile_budget) {
+  return FastDeconv::statistics(input, kernel_size, dilation, padding, sampling_stride, block, groups, eps,
+                                tile_budget);
 }
 
-// fastdeconv_update_running with the CUDA kernel.
+at::Tensor patch_statistics_backward(const at::Tensor& grad_mean, const at::Tensor& grad_cov, const at::Tensor& input,
+                                     const at::Tensor& mean, std::vector<int64_t> kernel_size,
+                                     std::vector<int64_t> dilation, std::vector<int64_t> padding,
+                                     int64_t sampling_stride, int64_t block, int64_t groups, int64_t tile_budget) {
+  return FastDeconv::statistics_backward(grad_mean, grad_cov, input, mean, kernel_size, dilation, padding,
+                                         sampling_stride, block, groups, tile_budget);
+}
+
+std::tuple<at::Tensor, at::Tensor> isqrt(const at::Tensor& a, int64_t n_iter) { return FastDeconv::isqrt(a, n_iter); }
+
+at::Tensor isqrt_backward(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& result,
+                          const at::Tensor& saved, int64_t n_iter) {
+  return FastDeconv::isqrt_backward(grad, a, result, saved, n_iter);
+}
+
 at::Tensor update_running(at::Tensor running_mean, at::Tensor running_deconv, const at::Tensor& mean,
                           const at::Tensor& deconv, double momentum) {
   aecr::check_running_update(running_mean, running_deconv, mean, deconv);
   return aecr::running_update_launch(EmulatedLauncher{}, running_mean, running_deconv, mean, deconv, momentum);
 }
 
+// name -> (registers, max_threads, shared bytes), as read from benchmarks/cuda_resources.json.
+void set_resources(const std::map<std::string, std::tuple<int64_t, int64_t, int64_t>>& table, bool strict) {
+  std::map<std::string, aecr_emulation::KernelResources> resources;
+  for (const auto& [name, r] : table) {
+    resources[name] = aecr_emulation::KernelResources{static_cast<int>(std::get<0>(r)),
+                                                      static_cast<int>(std::get<1>(r)), std::get<2>(r)};
+  }
+  aecr_emulation::set_resources(std::move(resources), strict);
+}
+
 }  // namespace
 
+void register_broken_kernels(pybind11::module_& m);  // broken_kernels.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward);
-  m.def("backward", &backward);
-  m.def("moments", &moments);
+  m.def("dcn_forward", &dcn_forward);
+  m.def("dcn_backward", &dcn_backward);
+  m.def("patch_statistics", &patch_statistics);
+  m.def("patch_statistics_backward", &patch_statistics_backward);
   m.def("isqrt", &isqrt);
   m.def("isqrt_backward", &isqrt_backward);
   m.def("update_running", &update_running);
+  m.def("set_resources", &set_resources, "kernel name -> (registers, max threads, shared bytes); strict: unknown "
+                                         "kernels may not launch");
+  m.def("set_multiprocessors", &aecr_emulation::set_multiprocessors);
+  m.def("launched", [] { return aecr_emulation::launched(); }, "kernel name -> launches so far");
+  register_broken_kernels(m);
 }

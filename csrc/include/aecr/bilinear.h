@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <type_traits>
 
 #include "aecr/macros.h"
 
@@ -15,19 +17,25 @@ namespace aecr {
 AECR_HOST_DEVICE AECR_INLINE float floor_of(float x) { return floorf(x); }
 AECR_HOST_DEVICE AECR_INLINE double floor_of(double x) { return floor(x); }
 
+// The element type of a pointer: of T* and of the emulator's checked pointers (tests/cuda_emulation), which the
+// functions below take as well (their pointer parameters are templates).
+template <typename P>
+using pointee_t = std::remove_cv_t<typename std::pointer_traits<P>::element_type>;
+
 // The four corners of a bilinear sample at (h, w), in the order
 // (h0, w0), (h0, w0 + 1), (h0 + 1, w0), (h0 + 1, w0 + 1) with h0 = floor(h), w0 = floor(w).
 //
-// A corner outside the plane has index 0 and all its weights 0, so callers read and write
-// every corner unconditionally without touching memory outside the plane. A sample at
-// h <= -1, h >= H, w <= -1 or w >= W (and any non-finite coordinate) has all corners zero:
-// its value and both derivatives are 0.
+// A corner outside the plane is not `inside`: it has index 0 and all its weights 0, and it is never read, so a
+// NaN or Inf in the plane reaches only the samples that read it (torchvision's semantics; a corner inside the
+// plane is read even when its weight is 0, as torchvision does). A sample at h <= -1, h >= H, w <= -1 or
+// w >= W (and any non-finite coordinate) has all corners outside: its value and both derivatives are 0.
 template <typename T>
 struct BilinearPoint {
   int64_t index[4];  // flat offsets into the plane, row-major
   T weight[4];       // interpolation weights
   T d_h[4];          // d weight / d h
   T d_w[4];          // d weight / d w
+  bool inside[4];    // whether the corner lies in the plane
 };
 
 template <typename T>
@@ -39,6 +47,7 @@ AECR_HOST_DEVICE AECR_INLINE BilinearPoint<T> bilinear_point(T h, T w, int64_t h
     p.weight[i] = T(0);
     p.d_h[i] = T(0);
     p.d_w[i] = T(0);
+    p.inside[i] = false;
   }
   // Written so that NaN fails the test: no conversion of a non-finite or huge value to an integer below.
   if (!(h > T(-1) && h < T(height) && w > T(-1) && w < T(width))) {
@@ -68,54 +77,62 @@ AECR_HOST_DEVICE AECR_INLINE BilinearPoint<T> bilinear_point(T h, T w, int64_t h
         p.weight[i] = row_w[r] * col_w[c];
         p.d_h[i] = row_d[r] * col_w[c];
         p.d_w[i] = row_w[r] * row_d[c];
+        p.inside[i] = true;
       }
     }
   }
   return p;
 }
 
-// Value of the plane at the point. V is the storage type, T the accumulation type.
-template <typename T, typename V>
-AECR_HOST_DEVICE AECR_INLINE T bilinear_value(const BilinearPoint<T>& p, const V* plane) {
+// The plane's value at corner i, 0 outside the plane (not read).
+template <typename T, typename Plane>
+AECR_HOST_DEVICE AECR_INLINE T corner_value(const BilinearPoint<T>& p, int i, Plane plane) {
+  return p.inside[i] ? static_cast<T>(plane[p.index[i]]) : T(0);
+}
+
+// Value of the plane at the point. The plane's elements are the storage type, T the accumulation type.
+template <typename T, typename Plane>
+AECR_HOST_DEVICE AECR_INLINE T bilinear_value(const BilinearPoint<T>& p, Plane plane) {
   T v = T(0);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    v += p.weight[i] * static_cast<T>(plane[p.index[i]]);
+    v += p.weight[i] * corner_value(p, i, plane);
   }
   return v;
 }
 
 // Value and partial derivatives d value / d h, d value / d w of the plane at the point.
-template <typename T, typename V>
+template <typename T, typename Plane>
 AECR_HOST_DEVICE AECR_INLINE void bilinear_value_and_grad(
-    const BilinearPoint<T>& p, const V* plane, T& value, T& grad_h, T& grad_w) {
+    const BilinearPoint<T>& p, Plane plane, T& value, T& grad_h, T& grad_w) {
   value = T(0);
   grad_h = T(0);
   grad_w = T(0);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const T x = static_cast<T>(plane[p.index[i]]);
+    const T x = corner_value(p, i, plane);
     value += p.weight[i] * x;
     grad_h += p.d_h[i] * x;
     grad_w += p.d_w[i] * x;
   }
 }
 
-// Adds g * weight to each corner of the plane (the adjoint of bilinear_value). `Add` says how:
-// a plain += where one thread owns the plane (CPU), an atomic add where many do (CUDA).
-template <typename Add, typename T, typename A>
-AECR_HOST_DEVICE AECR_INLINE void bilinear_scatter(const BilinearPoint<T>& p, A* plane, T g) {
+// Adds g * weight to each corner of the plane with a non-zero weight (the adjoint of bilinear_value; like
+// torchvision, corners of weight 0 receive nothing). `Add` says how: a plain += where one thread owns the plane
+// (CPU), an atomic add where many do (CUDA).
+template <typename Add, typename T, typename Plane>
+AECR_HOST_DEVICE AECR_INLINE void bilinear_scatter(const BilinearPoint<T>& p, Plane plane, T g) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     if (p.weight[i] != T(0)) {
-      Add::add(plane + p.index[i], static_cast<A>(g * p.weight[i]));
+      Add::add(plane + p.index[i], static_cast<pointee_t<Plane>>(g * p.weight[i]));
     }
   }
 }
 
 struct PlainAdd {
-  template <typename A>
-  AECR_HOST_DEVICE AECR_INLINE static void add(A* dst, A v) { *dst += v; }
+  template <typename P, typename A>
+  AECR_HOST_DEVICE AECR_INLINE static void add(P dst, A v) { *dst += v; }
 };
 
 }  // namespace aecr

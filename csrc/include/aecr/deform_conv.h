@@ -59,9 +59,10 @@ AECR_HOST_DEVICE AECR_INLINE int64_t mask_index(const DeformConvShape& s, const 
 }
 
 // Sampling position of a site in the input plane: the regular grid position plus the learned offset.
-template <typename T, typename V>
+// (Pointer parameters are templates so that the CUDA emulator's checked pointers pass too.)
+template <typename T, typename Offset>
 AECR_HOST_DEVICE AECR_INLINE void sampling_position(
-    const DeformConvShape& s, const SamplingSite& t, const V* offset, T& h, T& w) {
+    const DeformConvShape& s, const SamplingSite& t, Offset offset, T& h, T& w) {
   const int64_t y = t.pixel / s.out_width;
   const int64_t x = t.pixel % s.out_width;
   const int64_t i = t.k / s.kernel_w;
@@ -71,13 +72,13 @@ AECR_HOST_DEVICE AECR_INLINE void sampling_position(
   w = static_cast<T>(x * s.stride_w - s.pad_w + j * s.dilation_w) + static_cast<T>(offset[o + s.pixels()]);
 }
 
-template <typename T, typename V>
-AECR_HOST_DEVICE AECR_INLINE T site_mask(const DeformConvShape& s, const SamplingSite& t, const V* mask) {
+template <typename T, typename Mask>
+AECR_HOST_DEVICE AECR_INLINE T site_mask(const DeformConvShape& s, const SamplingSite& t, Mask mask) {
   return mask == nullptr ? T(1) : static_cast<T>(mask[mask_index(s, t)]);
 }
 
-template <typename T, typename V>
-AECR_HOST_DEVICE AECR_INLINE BilinearPoint<T> site_point(const DeformConvShape& s, const SamplingSite& t, const V* offset) {
+template <typename T, typename Offset>
+AECR_HOST_DEVICE AECR_INLINE BilinearPoint<T> site_point(const DeformConvShape& s, const SamplingSite& t, Offset offset) {
   T h, w;
   sampling_position<T>(s, t, offset, h, w);
   return bilinear_point<T>(h, w, s.height, s.width);
@@ -92,8 +93,8 @@ AECR_HOST_DEVICE AECR_INLINE int64_t column_index(
 // ---- Pieces shared by the CPU loops and the CUDA kernels --------------------------------------------
 
 // One entry of the column matrix: the masked bilinear sample of a channel plane at a site.
-template <typename T, typename V>
-AECR_HOST_DEVICE AECR_INLINE T column_value(const BilinearPoint<T>& p, T mask, const V* plane) {
+template <typename T, typename Plane>
+AECR_HOST_DEVICE AECR_INLINE T column_value(const BilinearPoint<T>& p, T mask, Plane plane) {
   return mask * bilinear_value<T>(p, plane);
 }
 
@@ -104,21 +105,24 @@ struct SiteGradSums {
   T value, h, w;
 };
 
-template <typename T, typename V>
-AECR_HOST_DEVICE AECR_INLINE void accumulate_site_grad(
-    const BilinearPoint<T>& p, const V* plane, T grad_column, SiteGradSums<T>& sums) {
+// Returns the bilinear sample itself (the column value is mask times it).
+template <typename T, typename Plane>
+AECR_HOST_DEVICE AECR_INLINE T accumulate_site_grad(
+    const BilinearPoint<T>& p, Plane plane, T grad_column, SiteGradSums<T>& sums) {
   T v, gh, gw;
   bilinear_value_and_grad<T>(p, plane, v, gh, gw);
   sums.value += grad_column * v;
   sums.h += grad_column * gh;
   sums.w += grad_column * gw;
+  return v;
 }
 
 // grad_dy = mask * sums.h, grad_dx = mask * sums.w, grad_mask = sums.value (when there is a mask).
-template <typename T, typename V>
+template <typename T, typename Out>
 AECR_HOST_DEVICE AECR_INLINE void store_site_grad(
-    const DeformConvShape& s, const SamplingSite& t, T mask, const SiteGradSums<T>& sums, V* grad_offset,
-    V* grad_mask) {
+    const DeformConvShape& s, const SamplingSite& t, T mask, const SiteGradSums<T>& sums, Out grad_offset,
+    Out grad_mask) {
+  using V = pointee_t<Out>;
   const int64_t o = offset_index(s, t);
   grad_offset[o] = static_cast<V>(mask * sums.h);
   grad_offset[o + s.pixels()] = static_cast<V>(mask * sums.w);
@@ -129,41 +133,43 @@ AECR_HOST_DEVICE AECR_INLINE void store_site_grad(
 
 // columns[c, k, b, pixel] = mask * bilinear(image[c]) for every channel c of the site's offset group.
 // `image` points at image b of the chunk; offset and mask at the chunk's first image.
-template <typename T, typename V>
+template <typename T, typename In, typename Out>
 AECR_HOST_DEVICE AECR_INLINE void im2col_site(
-    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, const V* image, const V* offset,
-    const V* mask, V* columns) {
+    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, In image, In offset, In mask, Out columns) {
   const BilinearPoint<T> p = site_point<T>(s, t, offset);
   const T m = site_mask<T>(s, t, mask);
   const int64_t cpg = s.channels_per_offset_group();
   for (int64_t c = t.g * cpg; c < (t.g + 1) * cpg; ++c) {
     columns[column_index(s, n_images, c, t.k, t.b, t.pixel)] =
-        static_cast<V>(column_value<T>(p, m, image + c * s.plane()));
+        static_cast<pointee_t<Out>>(column_value<T>(p, m, image + c * s.plane()));
   }
 }
 
-// Offset (dy, dx) and mask gradients of one site from the column gradient.
-template <typename T, typename V>
+// Offset (dy, dx) and mask gradients of one site from the column gradient in `columns`, which it replaces, entry
+// by entry, by the columns themselves (what the weight gradient needs).
+template <typename T, typename In, typename Out>
 AECR_HOST_DEVICE AECR_INLINE void offset_mask_grad_site(
-    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, const V* image, const V* offset,
-    const V* mask, const V* grad_columns, V* grad_offset, V* grad_mask) {
+    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, In image, In offset, In mask, Out columns,
+    Out grad_offset, Out grad_mask) {
+  using V = pointee_t<Out>;
   const BilinearPoint<T> p = site_point<T>(s, t, offset);
   const T m = site_mask<T>(s, t, mask);
   SiteGradSums<T> sums{T(0), T(0), T(0)};
   const int64_t cpg = s.channels_per_offset_group();
   for (int64_t c = t.g * cpg; c < (t.g + 1) * cpg; ++c) {
-    const T g = static_cast<T>(grad_columns[column_index(s, n_images, c, t.k, t.b, t.pixel)]);
-    accumulate_site_grad<T>(p, image + c * s.plane(), g, sums);
+    const int64_t at = column_index(s, n_images, c, t.k, t.b, t.pixel);
+    const T v = accumulate_site_grad<T>(p, image + c * s.plane(), static_cast<T>(columns[at]), sums);
+    columns[at] = static_cast<V>(m * v);
   }
   store_site_grad<T>(s, t, m, sums, grad_offset, grad_mask);
 }
 
 // Adjoint of im2col for one site: adds mask * gcol * weight into the four corners of each channel's
-// input-gradient plane. `grad_image` (accumulation type A) points at image b.
-template <typename Add, typename T, typename V, typename A>
+// input-gradient plane. `grad_image` (of the accumulation type) points at image b.
+template <typename Add, typename T, typename In, typename Acc>
 AECR_HOST_DEVICE AECR_INLINE void col2im_site(
-    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, const V* offset, const V* mask,
-    const V* grad_columns, A* grad_image) {
+    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, In offset, In mask, In grad_columns,
+    Acc grad_image) {
   const BilinearPoint<T> p = site_point<T>(s, t, offset);
   const T m = site_mask<T>(s, t, mask);
   const int64_t cpg = s.channels_per_offset_group();

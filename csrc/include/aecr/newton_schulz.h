@@ -24,44 +24,45 @@ namespace aecr {
 // Up to this many features the iteration runs in matrix form; above, in spectral form (see above).
 constexpr int64_t kNsFusedMaxFeatures = 48;
 
+// Matrices are F x F row-major arrays of T behind pointers of any kind: T*, const T*, or the CUDA emulator's
+// checked pointers (tests/cuda_emulation); `Work` is the type of the writable ones.
+
 // (op(A) op(B))[i, j] with op = transpose where asked.
-template <typename T>
-AECR_HOST_DEVICE AECR_INLINE T product_element(const T* a, bool ta, const T* b, bool tb, int64_t f, int64_t i,
-                                               int64_t j) {
+template <typename T, typename A, typename B>
+AECR_HOST_DEVICE AECR_INLINE T product_element(A a, bool ta, B b, bool tb, int64_t f, int64_t i, int64_t j) {
   T acc = T(0);
   for (int64_t k = 0; k < f; ++k) {
-    const T x = ta ? a[k * f + i] : a[i * f + k];
-    const T y = tb ? b[j * f + k] : b[k * f + j];
+    const T x = ta ? static_cast<T>(a[k * f + i]) : static_cast<T>(a[i * f + k]);
+    const T y = tb ? static_cast<T>(b[j * f + k]) : static_cast<T>(b[k * f + j]);
     acc += x * y;
   }
   return acc;
 }
 
 // out = A B, for elements begin, begin + step, ...
-template <typename T>
-AECR_HOST_DEVICE AECR_INLINE void product_part(const T* a, const T* b, T* out, int64_t f, int64_t begin,
-                                               int64_t step) {
-  for (int64_t e = begin; e < f * f; e += step) out[e] = product_element(a, false, b, false, f, e / f, e % f);
+template <typename T, typename A, typename B, typename Work>
+AECR_HOST_DEVICE AECR_INLINE void product_part(A a, B b, Work out, int64_t f, int64_t begin, int64_t step) {
+  for (int64_t e = begin; e < f * f; e += step) out[e] = product_element<T>(a, false, b, false, f, e / f, e % f);
 }
 
 // Elementwise out = x / divisor.
-template <typename T>
-AECR_HOST_DEVICE AECR_INLINE void divide_part(const T* x, T* out, T divisor, int64_t f, int64_t begin, int64_t step) {
-  for (int64_t e = begin; e < f * f; e += step) out[e] = x[e] / divisor;
+template <typename T, typename X, typename Work>
+AECR_HOST_DEVICE AECR_INLINE void divide_part(X x, Work out, T divisor, int64_t f, int64_t begin, int64_t step) {
+  for (int64_t e = begin; e < f * f; e += step) out[e] = static_cast<T>(x[e]) / divisor;
 }
 
 // The three steps of one forward iteration (callers synchronise between them):
 //   1: T = 1.5 I - 0.5 Z Y          2: Y' = Y T,  Z' = T Z   (into separate buffers)
-template <typename T>
-AECR_HOST_DEVICE AECR_INLINE void ns_step_t(const T* y, const T* z, T* t, int64_t f, int64_t begin, int64_t step) {
+template <typename T, typename Work>
+AECR_HOST_DEVICE AECR_INLINE void ns_step_t(Work y, Work z, Work t, int64_t f, int64_t begin, int64_t step) {
   for (int64_t e = begin; e < f * f; e += step) {
     const int64_t i = e / f, j = e % f;
-    t[e] = T(0.5) * ((i == j ? T(3) : T(0)) - product_element(z, false, y, false, f, i, j));
+    t[e] = T(0.5) * ((i == j ? T(3) : T(0)) - product_element<T>(z, false, y, false, f, i, j));
   }
 }
 
-template <typename T>
-AECR_HOST_DEVICE AECR_INLINE void ns_step_yz(const T* y, const T* z, const T* t, T* y_next, T* z_next, int64_t f,
+template <typename T, typename Work>
+AECR_HOST_DEVICE AECR_INLINE void ns_step_yz(Work y, Work z, Work t, Work y_next, Work z_next, int64_t f,
                                              int64_t begin, int64_t step) {
   product_part<T>(y, t, y_next, f, begin, step);
   product_part<T>(t, z, z_next, f, begin, step);
@@ -70,23 +71,24 @@ AECR_HOST_DEVICE AECR_INLINE void ns_step_yz(const T* y, const T* z, const T* t,
 // Reverse of one iteration, given Y_k, Z_k, T_k and the gradients gY, gZ of Y_{k+1}, Z_{k+1}:
 //   gT = Y^T gY + gZ Z^T;   gY_k = gY T^T - 0.5 Z^T gT;   gZ_k = T^T gZ - 0.5 gT Y^T.
 // Step 1 writes gT; step 2 writes gY_k, gZ_k into separate buffers.
-template <typename T>
-AECR_HOST_DEVICE AECR_INLINE void ns_reverse_gt(const T* y, const T* z, const T* g_y, const T* g_z, T* g_t,
-                                                int64_t f, int64_t begin, int64_t step) {
+template <typename T, typename Work>
+AECR_HOST_DEVICE AECR_INLINE void ns_reverse_gt(Work y, Work z, Work g_y, Work g_z, Work g_t, int64_t f,
+                                                int64_t begin, int64_t step) {
   for (int64_t e = begin; e < f * f; e += step) {
     const int64_t i = e / f, j = e % f;
-    g_t[e] = product_element(y, true, g_y, false, f, i, j) + product_element(g_z, false, z, true, f, i, j);
+    g_t[e] = product_element<T>(y, true, g_y, false, f, i, j) + product_element<T>(g_z, false, z, true, f, i, j);
   }
 }
 
-template <typename T>
-AECR_HOST_DEVICE AECR_INLINE void ns_reverse_yz(const T* y, const T* z, const T* t, const T* g_y, const T* g_z,
-                                                const T* g_t, T* g_y_prev, T* g_z_prev, int64_t f, int64_t begin,
-                                                int64_t step) {
+template <typename T, typename Work>
+AECR_HOST_DEVICE AECR_INLINE void ns_reverse_yz(Work y, Work z, Work t, Work g_y, Work g_z, Work g_t, Work g_y_prev,
+                                                Work g_z_prev, int64_t f, int64_t begin, int64_t step) {
   for (int64_t e = begin; e < f * f; e += step) {
     const int64_t i = e / f, j = e % f;
-    g_y_prev[e] = product_element(g_y, false, t, true, f, i, j) - T(0.5) * product_element(z, true, g_t, false, f, i, j);
-    g_z_prev[e] = product_element(t, true, g_z, false, f, i, j) - T(0.5) * product_element(g_t, false, y, true, f, i, j);
+    g_y_prev[e] =
+        product_element<T>(g_y, false, t, true, f, i, j) - T(0.5) * product_element<T>(z, true, g_t, false, f, i, j);
+    g_z_prev[e] =
+        product_element<T>(t, true, g_z, false, f, i, j) - T(0.5) * product_element<T>(g_t, false, y, true, f, i, j);
   }
 }
 
@@ -96,8 +98,8 @@ AECR_HOST_DEVICE AECR_INLINE void ns_reverse_yz(const T* y, const T* z, const T*
 
 constexpr int64_t kNsWorkMatrices = 10;
 
-template <typename T, class Sync>
-AECR_HOST_DEVICE AECR_INLINE void ns_start(const T* a, T norm, T* y, T* z, int64_t f, int64_t begin, int64_t step,
+template <typename T, typename In, typename Work, class Sync>
+AECR_HOST_DEVICE AECR_INLINE void ns_start(In a, T norm, Work y, Work z, int64_t f, int64_t begin, int64_t step,
                                            Sync sync) {
   divide_part<T>(a, y, norm, f, begin, step);
   for (int64_t e = begin; e < f * f; e += step) z[e] = (e / f == e % f) ? T(1) : T(0);
@@ -105,25 +107,25 @@ AECR_HOST_DEVICE AECR_INLINE void ns_start(const T* a, T norm, T* y, T* z, int64
 }
 
 // Runs `iters` iterations from (y, z), leaving the result in (y, z); t, y2, z2 are scratch.
-template <typename T, class Sync>
-AECR_HOST_DEVICE AECR_INLINE void ns_iterate(T*& y, T*& z, T* t, T*& y2, T*& z2, int64_t iters, int64_t f,
+template <typename T, typename Work, class Sync>
+AECR_HOST_DEVICE AECR_INLINE void ns_iterate(Work& y, Work& z, Work t, Work& y2, Work& z2, int64_t iters, int64_t f,
                                              int64_t begin, int64_t step, Sync sync) {
   for (int64_t k = 0; k < iters; ++k) {
     ns_step_t<T>(y, z, t, f, begin, step);
     sync();
     ns_step_yz<T>(y, z, t, y2, z2, f, begin, step);
     sync();
-    T* swap = y; y = y2; y2 = swap;
+    Work swap = y; y = y2; y2 = swap;
     swap = z; z = z2; z2 = swap;
   }
 }
 
 // out = Z_n / sqrt(norm) for A = a (norm = ||A||_F).
-template <typename T, class Sync>
-AECR_HOST_DEVICE AECR_INLINE void ns_forward_program(const T* a, T norm, T* out, T* work, int64_t f, int64_t n_iter,
+template <typename T, typename In, typename Work, class Sync>
+AECR_HOST_DEVICE AECR_INLINE void ns_forward_program(In a, T norm, Work out, Work work, int64_t f, int64_t n_iter,
                                                      int64_t begin, int64_t step, Sync sync) {
   const int64_t ff = f * f;
-  T *y = work, *z = work + ff, *t = work + 2 * ff, *y2 = work + 3 * ff, *z2 = work + 4 * ff;
+  Work y = work, z = work + ff, t = work + 2 * ff, y2 = work + 3 * ff, z2 = work + 4 * ff;
   ns_start<T>(a, norm, y, z, f, begin, step, sync);
   ns_iterate<T>(y, z, t, y2, z2, n_iter, f, begin, step, sync);
   divide_part<T>(z, out, sqrt(norm), f, begin, step);
@@ -132,13 +134,12 @@ AECR_HOST_DEVICE AECR_INLINE void ns_forward_program(const T* a, T norm, T* out,
 // grad_y0 = d<grad, Z_n / sqrt(norm)> / d Y0 (the normalisation's own gradient is added by the caller).
 // The iterates are not kept: before reversing iteration k, Y_k and Z_k are recomputed from Y0, so memory stays
 // at a fixed ten matrices whatever n_iter is (n_iter^2 / 2 forward steps, cheap for the small F this serves).
-template <typename T, class Sync>
-AECR_HOST_DEVICE AECR_INLINE void ns_backward_program(const T* a, T norm, const T* grad, T* grad_y0, T* work,
-                                                      int64_t f, int64_t n_iter, int64_t begin, int64_t step,
-                                                      Sync sync) {
+template <typename T, typename In, typename Work, class Sync>
+AECR_HOST_DEVICE AECR_INLINE void ns_backward_program(In a, T norm, In grad, Work grad_y0, Work work, int64_t f,
+                                                      int64_t n_iter, int64_t begin, int64_t step, Sync sync) {
   const int64_t ff = f * f;
-  T *y = work, *z = work + ff, *t = work + 2 * ff, *y2 = work + 3 * ff, *z2 = work + 4 * ff;
-  T *gy = work + 5 * ff, *gz = work + 6 * ff, *gt = work + 7 * ff, *gy2 = work + 8 * ff, *gz2 = work + 9 * ff;
+  Work y = work, z = work + ff, t = work + 2 * ff, y2 = work + 3 * ff, z2 = work + 4 * ff;
+  Work gy = work + 5 * ff, gz = work + 6 * ff, gt = work + 7 * ff, gy2 = work + 8 * ff, gz2 = work + 9 * ff;
   divide_part<T>(grad, gz, sqrt(norm), f, begin, step);
   for (int64_t e = begin; e < ff; e += step) gy[e] = T(0);
   sync();
@@ -151,7 +152,7 @@ AECR_HOST_DEVICE AECR_INLINE void ns_backward_program(const T* a, T norm, const 
     sync();
     ns_reverse_yz<T>(y, z, t, gy, gz, gt, gy2, gz2, f, begin, step);
     sync();
-    T* swap = gy; gy = gy2; gy2 = swap;
+    Work swap = gy; gy = gy2; gy2 = swap;
     swap = gz; gz = gz2; gz2 = swap;
   }
   for (int64_t e = begin; e < ff; e += step) grad_y0[e] = gy[e];

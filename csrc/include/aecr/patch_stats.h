@@ -110,15 +110,16 @@ AECR_HOST_DEVICE AECR_INLINE void tile_entry(const PatchShape& s, int64_t r0, in
 }
 
 // Value of tile entry e minus `shift` of its (matrix, feature) (the mean, or 0).
-template <typename T, typename V>
-AECR_HOST_DEVICE AECR_INLINE T tile_value(const PatchShape& s, int64_t r0, int64_t tile_rows, int64_t e,
-                                          const V* input, const T* shift) {
+// (Pointer parameters are templates so that the CUDA emulator's checked pointers pass too.)
+template <typename T, typename In>
+AECR_HOST_DEVICE AECR_INLINE T tile_value(const PatchShape& s, int64_t r0, int64_t tile_rows, int64_t e, In input,
+                                          In shift) {
   int64_t r, col;
   tile_entry(s, r0, tile_rows, e, r, col);
   const int64_t src = patch_source(s, r, col);
   const T v = src < 0 ? T(0) : static_cast<T>(input[src]);
   const int64_t gf = (e / (s.features * tile_rows * s.interleave)) * s.features + e % s.features;
-  return shift == nullptr ? v : v - shift[gf];
+  return shift == nullptr ? v : v - static_cast<T>(shift[gf]);
 }
 
 // Entry of (patch row r, column col) in a tile's layout, or -1 when r is not one of the tile's rows.
@@ -130,9 +131,9 @@ AECR_HOST_DEVICE AECR_INLINE int64_t tile_offset(const PatchShape& s, int64_t r0
 
 // Gradient of input element `index` ([N, C, H, W] flat) from the gradient of a tile's patch entries
 // (grad_tile laid out like the tile): the sum over every (patch, tap) of the tile that reads this element.
-template <typename T>
+template <typename T, typename In>
 AECR_HOST_DEVICE AECR_INLINE T gather_input_grad(const PatchShape& s, int64_t index, int64_t r0, int64_t tile_rows,
-                                                 const T* grad_tile) {
+                                                 In grad_tile) {
   const int64_t x = index % s.width;
   const int64_t y = (index / s.width) % s.height;
   const int64_t c = (index / s.plane()) % s.channels;
@@ -142,7 +143,7 @@ AECR_HOST_DEVICE AECR_INLINE T gather_input_grad(const PatchShape& s, int64_t in
     const int64_t flat = n * s.plane() + y * s.width + x;
     if (flat % (s.stride * s.stride) == 0) {
       const int64_t o = tile_offset(s, r0, tile_rows, flat / (s.stride * s.stride), c);
-      if (o >= 0) acc += grad_tile[o];
+      if (o >= 0) acc += static_cast<T>(grad_tile[o]);
     }
     return acc;
   }
@@ -154,7 +155,7 @@ AECR_HOST_DEVICE AECR_INLINE T gather_input_grad(const PatchShape& s, int64_t in
       if (px_s < 0 || px_s % s.stride != 0 || px_s / s.stride >= s.patches_w) continue;
       const int64_t r = n * s.patches_h * s.patches_w + (py_s / s.stride) * s.patches_w + px_s / s.stride;
       const int64_t o = tile_offset(s, r0, tile_rows, r, c * s.taps() + i * s.kernel_w + k);
-      if (o >= 0) acc += grad_tile[o];
+      if (o >= 0) acc += static_cast<T>(grad_tile[o]);
     }
   }
   return acc;

@@ -1,0 +1,130 @@
+// The CUDA kernels of deform_conv2d's default ("simple") path and their kernel class for deform_conv_driver.h,
+// written over a launcher (cuda_launcher.cuh on the GPU, tests/cuda_emulation's EmulatedLauncher on the CPU):
+// one thread per sampling site (image, offset group, tap, pixel) around the per-element math of
+// aecr/deform_conv.h.
+//
+// Coordinates, bilinear weights and sums are in at::opmath_type (fp32 for fp16/bf16). The input gradient is a
+// scatter: by default with atomics into an fp32 (fp64) buffer; in deterministic mode with a sort of the scatter
+// targets and a gather in fixed order (deform_conv_gather.cuh), which gives bitwise reproducible results.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <optional>
+#include <type_traits>
+
+#include "aecr/deform_conv.h"
+#include "cuda/deform_conv_gather.cuh"
+#include "cuda/device_memory.cuh"
+#include "cuda/launch.cuh"
+
+namespace aecr {
+namespace {
+
+constexpr int64_t kColumnBudget = int64_t(1) << 28;  // elements of the column buffer of one chunk
+
+struct AtomicAdd {
+  template <typename P, typename A>
+  AECR_HOST_DEVICE AECR_INLINE static void add(P dst, A v) {
+#if defined(__CUDA_ARCH__) || defined(AECR_CUDA_EMULATION)
+    atomicAdd(dst, v);
+#else
+    *dst += v;  // the host pass of nvcc: never runs
+#endif
+  }
+};
+
+template <typename V>
+__global__ void __launch_bounds__(kThreads, 1) im2col_kernel(DeformConvShape s, int64_t n, Global<const V> input,
+                                                          Global<const V> offset, Global<const V> mask,
+                                                          Global<V> columns) {
+  using T = at::opmath_type<V>;
+  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
+    const SamplingSite t = site_from_index(s, i);
+    im2col_site<T>(s, n, t, input + t.b * s.channels * s.plane(), offset, mask, columns);
+  }
+}
+
+// Reads the column gradient from `columns` and leaves the columns there.
+template <typename V>
+__global__ void __launch_bounds__(kThreads, 1) offset_mask_grad_kernel(DeformConvShape s, int64_t n,
+                                                                    Global<const V> input, Global<const V> offset,
+                                                                    Global<const V> mask, Global<V> columns,
+                                                                    Global<V> grad_offset, Global<V> grad_mask) {
+  using T = at::opmath_type<V>;
+  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
+    const SamplingSite t = site_from_index(s, i);
+    offset_mask_grad_site<T>(s, n, t, input + t.b * s.channels * s.plane(), offset, mask, columns, grad_offset,
+                             grad_mask);
+  }
+}
+
+// Default input gradient: atomics into `grad_input` of the accumulation type A.
+template <typename V, typename A>
+__global__ void __launch_bounds__(kThreads, 1) col2im_atomic_kernel(DeformConvShape s, int64_t n, Global<const V> offset,
+                                                                 Global<const V> mask, Global<const V> grad_columns,
+                                                                 Global<A> grad_input) {
+  using T = at::opmath_type<V>;
+  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
+    const SamplingSite t = site_from_index(s, i);
+    col2im_site<AtomicAdd, T>(s, n, t, offset, mask, grad_columns, grad_input + t.b * s.channels * s.plane());
+  }
+}
+
+inline int64_t sites_of(const DeformConvShape& s, int64_t n) { return n * s.offset_groups * s.taps() * s.pixels(); }
+
+// The kernel class of deform_conv_driver.h on CUDA. `deterministic`: the input gradient without atomics.
+template <class L>
+struct GpuDeformConvKernels {
+  L launch;
+  bool deterministic = false;
+  int64_t budget = kColumnBudget;
+
+  int64_t column_budget() const { return budget; }
+  at::Tensor workspace(int64_t numel, const at::TensorOptions& options) const { return at::empty({numel}, options); }
+
+  void im2col(const DeformConvShape& s, int64_t n, const at::Tensor& input, const at::Tensor& offset,
+              const std::optional<at::Tensor>& mask, at::Tensor& columns) const {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_cuda", [&] {
+      launch(im2col_kernel<scalar_t>, dim3(grid_for(sites_of(s, n))), dim3(kThreads), s, n,
+             device_ptr<const scalar_t>(input), device_ptr<const scalar_t>(offset),
+             optional_ptr<const scalar_t>(mask), device_ptr<scalar_t>(columns));
+    });
+  }
+
+  void input_grad(const DeformConvShape& s, int64_t n, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+                  const at::Tensor& grad_columns, at::Tensor grad_input) const {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, offset.scalar_type(), "deform_conv2d_backward_cuda", [&] {
+      using V = scalar_t;
+      using T = at::opmath_type<V>;
+      if (deterministic) {
+        deterministic_input_grad<V>(launch, s, n, offset, mask, grad_columns, grad_input);
+        return;
+      }
+      // fp16 / bf16 planes are summed in fp32.
+      at::Tensor acc = std::is_same<T, V>::value
+                           ? grad_input
+                           : at::zeros(grad_input.sizes(), grad_input.options().dtype(c10::CppTypeToScalarType<T>::value));
+      launch(col2im_atomic_kernel<V, T>, dim3(grid_for(sites_of(s, n))), dim3(kThreads), s, n,
+             device_ptr<const V>(offset), optional_ptr<const V>(mask), device_ptr<const V>(grad_columns),
+             device_ptr<T>(acc));
+      if (!std::is_same<T, V>::value) grad_input.copy_(acc);
+    });
+  }
+
+  void offset_mask_grad(const DeformConvShape& s, int64_t n, const at::Tensor& input, const at::Tensor& offset,
+                        const std::optional<at::Tensor>& mask, at::Tensor& columns, at::Tensor grad_offset,
+                        const std::optional<at::Tensor>& grad_mask) const {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_backward_cuda", [&] {
+      launch(offset_mask_grad_kernel<scalar_t>, dim3(grid_for(sites_of(s, n))), dim3(kThreads), s, n,
+             device_ptr<const scalar_t>(input), device_ptr<const scalar_t>(offset),
+             optional_ptr<const scalar_t>(mask), device_ptr<scalar_t>(columns), device_ptr<scalar_t>(grad_offset),
+             optional_ptr<scalar_t>(grad_mask));
+    });
+  }
+};
+
+}  // namespace
+}  // namespace aecr

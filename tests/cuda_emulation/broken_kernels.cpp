@@ -1,0 +1,218 @@
+// Deliberately broken kernels (and their correct twins), written as the project's kernels are (device_memory.cuh's
+// Global / Shared, __syncthreads, shuffles), so that the tests can show each emulator check catching its bug:
+// races in shared and global memory, accesses out of bounds, reads of unwritten shared memory, barriers in
+// divergent code, and launches over the hardware's limits.
+#define AECR_CUDA_EMULATION 1
+#include "cuda_emulation.h"
+
+#include <torch/extension.h>
+
+#include <string>
+
+#include "cuda/device_memory.cuh"
+
+namespace {
+
+using aecr::device_ptr;
+using aecr::Global;
+using aecr::Shared;
+
+constexpr int kWarp = 32;
+
+// Thread 0 writes, thread `reader` reads: ordered only by the barrier (`sync` 1: __syncthreads, 2: __syncwarp,
+// 3: a shuffle, 0: nothing).
+__global__ void write_then_read_kernel(int reader, int sync, Global<float> out) {
+  __shared__ Shared<float[64]> s;
+  const int tid = threadIdx.x;
+  if (tid == 0) s[0] = 1.f;
+  if (sync == 1) __syncthreads();
+  if (sync == 2) __syncwarp();
+  if (sync == 3) (void)__shfl_xor_sync(0xffffffffu, tid, 1);
+  if (tid == reader) out[0] = s[0];
+}
+
+// Two threads write one shared address in the same interval.
+__global__ void write_write_kernel(bool broken, Global<float> out) {
+  __shared__ Shared<float[64]> s;
+  const int tid = threadIdx.x;
+  s[broken ? 0 : tid] = static_cast<float>(tid);
+  __syncthreads();
+  out[tid] = s[tid];
+}
+
+// A loop whose next round overwrites what the neighbour still reads (the classic missing barrier at the top of a
+// tiled loop).
+__global__ void missing_loop_barrier_kernel(bool broken, Global<float> out) {
+  __shared__ Shared<float[64]> s;
+  const int tid = threadIdx.x, n = blockDim.x;
+  float acc = 0.f;
+  for (int round = 0; round < 2; ++round) {
+    if (!broken) __syncthreads();
+    s[tid] = static_cast<float>(tid + round);
+    __syncthreads();
+    acc += s[(tid + 1) % n];
+  }
+  out[tid] = acc;
+}
+
+// Every thread of every block adds into out[0]: plainly (a race within and between blocks) or atomically.
+__global__ void accumulate_kernel(bool atomic, Global<float> out) {
+  if (atomic) {
+    atomicAdd(out, 1.f);
+  } else {
+    out[0] = out[0] + 1.f;
+  }
+}
+
+// Each block writes its own element, or (broken) all blocks the same one.
+__global__ void per_block_write_kernel(bool broken, Global<float> out) {
+  if (threadIdx.x == 0) out[broken ? 0 : blockIdx.x] = static_cast<float>(blockIdx.x);
+}
+
+// Copies n elements; `shift` moves the reads (1: one past the end, -1: one before the start).
+__global__ void copy_kernel(int64_t n, int shift, Global<const float> in, Global<float> out) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = in[i + shift];
+}
+
+// Indexes a __shared__ array one past its size.
+__global__ void shared_index_kernel(bool broken, Global<float> out) {
+  __shared__ Shared<float[32]> s;
+  const int tid = threadIdx.x;
+  s[tid] = 1.f;
+  __syncthreads();
+  out[tid] = s[broken ? tid + 1 : tid];
+}
+
+// Block 0 fills the whole tile; the other blocks only the first `written` elements. Every thread reads its
+// element.
+__global__ void partial_fill_kernel(int written, Global<float> out) {
+  __shared__ Shared<float[64]> s;
+  const int tid = threadIdx.x;
+  if (blockIdx.x == 0 || tid < written) s[tid] = 2.f;
+  __syncthreads();
+  out[blockIdx.x * 64 + tid] = s[tid];
+}
+
+// A barrier reached by half the block (`mode` 1), or two different barriers (2), or one (0).
+__global__ void barrier_kernel(int mode, Global<float> out) {
+  const int tid = threadIdx.x;
+  if (mode == 0) {
+    __syncthreads();
+  } else if (mode == 1) {
+    if (tid < 16) __syncthreads();
+  } else {
+    if (tid < 16) {
+      __syncthreads();
+    } else {
+      __syncthreads();
+    }
+  }
+  out[tid] = 1.f;
+}
+
+// A full-warp shuffle after half the warp returned.
+__global__ void shuffle_after_return_kernel(bool broken, Global<float> out) {
+  const int tid = threadIdx.x;
+  if (broken && tid % kWarp >= 16) return;
+  out[tid] = __shfl_xor_sync(0xffffffffu, static_cast<float>(tid), 1);
+}
+
+// Static shared memory of `Bytes` bytes.
+template <int Bytes>
+__global__ void static_shared_kernel(Global<float> out) {
+  __shared__ Shared<unsigned char[Bytes]> s;
+  s[threadIdx.x] = 1;
+  __syncthreads();
+  out[threadIdx.x] = s[threadIdx.x];
+}
+
+// Uses `floats` floats of dynamic shared memory.
+__global__ void dynamic_shared_kernel(int64_t floats, Global<float> out) {
+  AECR_DYNAMIC_SHARED(float, buffer);
+  for (int64_t i = threadIdx.x; i < floats; i += blockDim.x) buffer[i] = static_cast<float>(i);
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = buffer[floats - 1];
+}
+
+// The kernel the register and launch-bound checks are tried on (its resources are set by the test).
+__global__ void resource_kernel(Global<float> out) { out[threadIdx.x + blockIdx.x * blockDim.x] = 1.f; }
+
+at::Tensor zeros(int64_t n) { return at::zeros({n}, at::kFloat); }
+
+}  // namespace
+
+void register_broken_kernels(pybind11::module_& m) {
+  m.def("write_then_read", [](int threads, int reader, int sync) {
+    at::Tensor out = zeros(1);
+    EmulatedLauncher{}(write_then_read_kernel, dim3(1), dim3(threads), reader, sync, device_ptr<float>(out));
+    return out;
+  });
+  m.def("write_write", [](bool broken) {
+    at::Tensor out = zeros(64);
+    EmulatedLauncher{}(write_write_kernel, dim3(1), dim3(64), broken, device_ptr<float>(out));
+    return out;
+  });
+  m.def("missing_loop_barrier", [](bool broken) {
+    at::Tensor out = zeros(64);
+    EmulatedLauncher{}(missing_loop_barrier_kernel, dim3(1), dim3(64), broken, device_ptr<float>(out));
+    return out;
+  });
+  m.def("accumulate", [](int blocks, int threads, bool atomic) {
+    at::Tensor out = zeros(1);
+    EmulatedLauncher{}(accumulate_kernel, dim3(blocks), dim3(threads), atomic, device_ptr<float>(out));
+    return out;
+  });
+  m.def("per_block_write", [](bool broken) {
+    at::Tensor out = zeros(4);
+    EmulatedLauncher{}(per_block_write_kernel, dim3(4), dim3(32), broken, device_ptr<float>(out));
+    return out;
+  });
+  m.def("copy", [](const at::Tensor& in, int shift) {
+    at::Tensor out = at::empty_like(in);
+    EmulatedLauncher{}(copy_kernel, dim3(1), dim3(32), in.numel(), shift, device_ptr<const float>(in),
+                       device_ptr<float>(out));
+    return out;
+  });
+  m.def("shared_index", [](bool broken) {
+    at::Tensor out = zeros(32);
+    EmulatedLauncher{}(shared_index_kernel, dim3(1), dim3(32), broken, device_ptr<float>(out));
+    return out;
+  });
+  m.def("partial_fill", [](int blocks, int written, at::Tensor out) {
+    EmulatedLauncher{}(partial_fill_kernel, dim3(blocks), dim3(64), written, device_ptr<float>(out));
+  });
+  m.def("barrier", [](int mode) {
+    at::Tensor out = zeros(32);
+    EmulatedLauncher{}(barrier_kernel, dim3(1), dim3(32), mode, device_ptr<float>(out));
+    return out;
+  });
+  m.def("shuffle_after_return", [](bool broken) {
+    at::Tensor out = zeros(32);
+    EmulatedLauncher{}(shuffle_after_return_kernel, dim3(1), dim3(32), broken, device_ptr<float>(out));
+    return out;
+  });
+  m.def("static_shared", [](bool broken) {
+    at::Tensor out = zeros(32);
+    if (broken) {
+      EmulatedLauncher{}(static_shared_kernel<(48 << 10) + 4>, dim3(1), dim3(32), device_ptr<float>(out));
+    } else {
+      EmulatedLauncher{}(static_shared_kernel<(48 << 10)>, dim3(1), dim3(32), device_ptr<float>(out));
+    }
+    return out;
+  });
+  m.def("dynamic_shared", [](int64_t bytes, int64_t allowed) {
+    at::Tensor out = zeros(1);
+    const EmulatedLauncher launch;
+    if (allowed > 0) launch.allow_shared_memory(dynamic_shared_kernel, static_cast<size_t>(allowed));
+    launch.with_shared_memory(static_cast<size_t>(bytes))(dynamic_shared_kernel, dim3(1), dim3(64),
+                                                           bytes / int64_t(sizeof(float)), device_ptr<float>(out));
+    return out;
+  });
+  m.def("launch_shape", [](std::vector<int64_t> grid, std::vector<int64_t> block) {
+    const int64_t n = grid[0] * grid[1] * grid[2] * block[0] * block[1] * block[2];
+    at::Tensor out = zeros(std::min<int64_t>(n, int64_t(1) << 24));
+    EmulatedLauncher{}(resource_kernel, dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]),
+                       device_ptr<float>(out));
+    return out;
+  });
+}

@@ -1,0 +1,172 @@
+"""Each check of the CUDA emulator, shown by a deliberately broken kernel (tests/cuda_emulation/broken_kernels.cpp)
+that it catches and the correct twin that it lets pass: shared- and global-memory races, accesses outside a
+tensor or a __shared__ array, reads of shared memory the block has not written, barriers in divergent code (an
+error that names the kernel, not a hang), and launches over the hardware's limits."""
+import math
+import re
+
+import pytest
+import torch
+
+import emulation
+
+pytestmark = pytest.mark.slow
+
+TEST_KERNELS = ["write_then_read_kernel", "write_write_kernel", "missing_loop_barrier_kernel", "accumulate_kernel",
+                "per_block_write_kernel", "copy_kernel", "shared_index_kernel", "partial_fill_kernel",
+                "barrier_kernel", "shuffle_after_return_kernel", "static_shared_kernel<49152>",
+                "static_shared_kernel<49156>", "dynamic_shared_kernel", "resource_kernel"]
+
+
+@pytest.fixture
+def checked(emulated):
+    """The emulator with the real kernels' resources and modest ones for the test kernels (strict: a kernel
+    without an entry may not launch)."""
+    table = emulation.resource_table()
+    table.update({name: (32, 1024, 0) for name in TEST_KERNELS})
+    emulated.set_resources(table, True)
+    yield emulated
+    emulated.set_resources(emulation.resource_table(), True)
+
+
+def fails(fn, *args, match):
+    """fn(*args) raises a RuntimeError whose message (several lines: one a problem) matches `match`."""
+    with pytest.raises(RuntimeError, match=re.compile(match, re.S)):
+        fn(*args)
+
+
+# ---- races ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reader", [5, 32])
+def test_a_read_after_another_threads_write_needs_a_barrier(checked, reader):
+    fails(checked.write_then_read, 64, reader, 0, match=r"write_then_read_kernel.*shared-memory race.*thread "
+                                                       rf"\({reader},0,0\) reads .* that thread \(0,0,0\) wrote")
+    assert checked.write_then_read(64, reader, 1).item() == 1.0  # __syncthreads orders them
+
+
+def test_syncwarp_and_shuffles_order_only_the_lanes_of_their_warp(checked):
+    assert checked.write_then_read(64, 5, 2).item() == 1.0  # __syncwarp: lane 5 after lane 0
+    assert checked.write_then_read(64, 5, 3).item() == 1.0  # a shuffle synchronises the warp too
+    fails(checked.write_then_read, 64, 32, 2, match="shared-memory race.*thread \\(32,0,0\\) reads")
+    fails(checked.write_then_read, 64, 32, 3, match="shared-memory race.*thread \\(32,0,0\\) reads")
+
+
+def test_two_writes_of_one_address_race(checked):
+    fails(checked.write_write, True, match=r"shared-memory race.*writes .* that thread \(0,0,0\) wrote")
+    assert checked.write_write(False).tolist() == [float(i) for i in range(64)]
+
+
+def test_a_loop_missing_its_barrier_races_with_the_previous_round(checked):
+    fails(checked.missing_loop_barrier, True, match="missing_loop_barrier_kernel.*shared-memory race.* read with no "
+                                                    "barrier between")
+    expected = [float((t + 1) % 64 + (t + 1) % 64 + 1) for t in range(64)]
+    assert checked.missing_loop_barrier(False).tolist() == expected
+
+
+def test_plain_adds_race_within_and_between_blocks_atomics_do_not(checked):
+    fails(checked.accumulate, 1, 32, False, match=r"global-memory race: kernel accumulate_kernel, block \(0,0,0\)")
+    fails(checked.accumulate, 3, 1, False, match="global-memory race.*another block of the launch")
+    assert checked.accumulate(3, 32, True).item() == 96.0
+
+
+def test_blocks_writing_one_element_race(checked):
+    fails(checked.per_block_write, True, match="global-memory race.*another block of the launch wrote")
+    assert checked.per_block_write(False).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+# ---- bounds -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shift", [1, -1])
+def test_an_access_outside_its_tensor_stops_the_launch(checked, shift):
+    x = torch.arange(40.0)
+    fails(checked.copy, x, shift, match=r"copy_kernel.*out of bounds: .* reads 4 bytes at byte "
+                                        rf"{160 if shift == 1 else -4} of kernel argument #2, whose tensor has 160")
+    assert torch.equal(checked.copy(x, 0), x)
+
+
+def test_an_index_past_a_shared_array_stops_the_launch(checked):
+    fails(checked.shared_index, True, match=r"shared_index_kernel.*index 32 outside \[0, 32\) of __shared__ array #0")
+    assert checked.shared_index(False).tolist() == [1.0] * 32
+
+
+# ---- initialisation ---------------------------------------------------------------------------------------------
+
+def test_reading_shared_memory_the_block_has_not_written_is_an_error(checked):
+    out = torch.zeros(2 * 64)
+    fails(checked.partial_fill, 2, 16, out, match=r"uninitialised shared memory: kernel partial_fill_kernel, block "
+                                                  r"\(1,0,0\), thread \(16,0,0\) reads __shared__ array #0 \(byte 64")
+    checked.partial_fill(2, 64, out)
+    assert out.tolist() == [2.0] * 128
+
+
+def test_shared_memory_is_poisoned_before_every_block(checked):
+    # Block 0 filled the whole tile; what block 1 then read of the part it did not fill is the poison (0xFF
+    # bytes: NaN), not block 0's values nor zeros.
+    out = torch.zeros(2 * 64)
+    with pytest.raises(RuntimeError, match="uninitialised shared memory"):
+        checked.partial_fill(2, 16, out)
+    assert out[:64 + 16].tolist() == [2.0] * (64 + 16)
+    assert torch.isnan(out[64 + 16:]).all()
+
+
+# ---- barriers ---------------------------------------------------------------------------------------------------
+
+def test_a_barrier_that_half_the_block_skips_is_an_error_naming_the_kernel(checked):
+    fails(checked.barrier, 1, match=r"kernel barrier_kernel:.*__syncthreads at broken_kernels.cpp:\d+ reached by 16 "
+                                    r"of 32 threads \(16 returned")
+    fails(checked.barrier, 2, match="kernel barrier_kernel:.*threads wait at different __syncthreads")
+    assert checked.barrier(0).tolist() == [1.0] * 32
+
+
+def test_a_shuffle_after_some_lanes_returned_is_an_error(checked):
+    fails(checked.shuffle_after_return, True, match="shuffle_after_return_kernel.*16 threads wait at a warp operation "
+                                                    "that lanes of their warp never reach")
+    assert checked.shuffle_after_return(False).tolist() == [float(t ^ 1) for t in range(32)]
+
+
+# ---- launch limits ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grid,block,message", [
+    ([1, 1, 1], [1025, 1, 1], "1025 threads per block"),
+    ([1, 65536, 1], [32, 1, 1], "y and z at most 65535"),
+    ([1, 1, 65536], [32, 1, 1], "y and z at most 65535"),
+    ([1, 1, 1], [1, 1, 65], "block dimensions"),
+])
+def test_a_launch_over_cudas_limits_is_refused(checked, grid, block, message):
+    fails(checked.launch_shape, grid, block, match=f"resource_kernel: invalid launch: .*{message}")
+    assert checked.launch_shape([2, 1, 1], [1024, 1, 1]).sum().item() == 2048
+
+
+def test_static_shared_memory_above_48_kb_is_refused(checked):
+    fails(checked.static_shared, True, match=r"static_shared_kernel<49156>.*49156 bytes of static shared memory")
+    assert checked.static_shared(False).tolist() == [1.0] * 32
+
+
+def test_dynamic_shared_memory_above_48_kb_needs_the_attribute(checked):
+    fails(checked.dynamic_shared, 64 << 10, 0, match="dynamic_shared_kernel: invalid launch: 65536 bytes of dynamic "
+                                                   "shared memory.*cudaFuncAttributeMaxDynamicSharedMemorySize")
+    assert checked.dynamic_shared(64 << 10, 64 << 10).item() == (64 << 10) // 4 - 1
+    assert checked.dynamic_shared(16 << 10, 0).item() == (16 << 10) // 4 - 1
+
+
+def test_threads_times_registers_must_fit_the_register_file(checked):
+    table = {**emulation.resource_table(), "resource_kernel": (128, 1024, 0)}
+    checked.set_resources(table, True)
+    fails(checked.launch_shape, [1, 1, 1], [1024, 1, 1], match="1024 threads x 128 registers = 131072 registers")
+    assert checked.launch_shape([1, 1, 1], [512, 1, 1]).sum().item() == 512
+    # Registers are allocated per warp in units of 256: 65 registers take 72 a thread.
+    table["resource_kernel"] = (65, 1024, 0)
+    checked.set_resources(table, True)
+    threads = 32 * math.floor(65536 / (72 * 32))
+    assert checked.launch_shape([1, 1, 1], [threads, 1, 1]).sum().item() == threads
+    fails(checked.launch_shape, [1, 1, 1], [threads + 32, 1, 1], match="registers per block")
+
+
+def test_a_launch_above_the_kernels_launch_bounds_is_refused(checked):
+    checked.set_resources({**emulation.resource_table(), "resource_kernel": (32, 256, 0)}, True)
+    fails(checked.launch_shape, [1, 1, 1], [512, 1, 1], match=r"512 threads per block above its __launch_bounds__\(256\)")
+    assert checked.launch_shape([1, 1, 1], [256, 1, 1]).sum().item() == 256
+
+
+def test_a_kernel_the_resource_table_does_not_know_may_not_launch(emulated):
+    fails(emulated.write_write, False, match="write_write_kernel: invalid launch: no resource usage known")

@@ -23,7 +23,6 @@ bfloat16 (nor, on the CPU, float16) kernel: it is then also measured in float32 
 """
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import aecr_ops
+from bench_common import release_cuda_memory, write_json_atomic
 
 DEFAULT_SHAPES = {"cpu": ["2x64x64", "1x256x64"], "cuda": ["16x256x64"]}
 
@@ -112,33 +112,10 @@ def cuda_variant(path, deterministic):
             os.environ["AECR_DCN_CUDA_PATH"] = previous
 
 
-def dcn_path_by_documented_rule(device_type, dtype, requested, allow_tf32, capability_major):
-    """The path deform_conv2d takes by the rule the README documents: "cpu", "simple" or "implicit".
-
-    Used only where aecr_ops has no deform_conv2d_path. On CUDA, "implicit" applies to float16/bfloat16, and to
-    float32 when TF32 matmuls are allowed, on compute capability 8.0 or newer; anything else runs "simple". (The
-    C++ also falls back for grids beyond CUDA's limits, which this rule cannot see; benchmark shapes are far
-    below them.)
-    """
-    if device_type != "cuda":
-        return "cpu"
-    if requested != "implicit":
-        return "simple"
-    tensor_cores = dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and bool(allow_tf32))
-    return "implicit" if tensor_cores and capability_major is not None and capability_major >= 8 else "simple"
-
-
 def dcn_path_that_runs(input, offset, weight, mask=None, stride=1, padding=0, dilation=1):
-    """The path aecr_ops.deform_conv2d would run for these arguments now ("cpu", "simple" or "implicit").
-
-    aecr_ops.deform_conv2d_path when the extension has it, else dcn_path_by_documented_rule.
-    """
-    if hasattr(aecr_ops, "deform_conv2d_path"):
-        return aecr_ops.deform_conv2d_path(input, offset, weight, mask=mask, stride=stride, padding=padding,
-                                           dilation=dilation)
-    capability = torch.cuda.get_device_capability(input.device)[0] if input.is_cuda else None
-    return dcn_path_by_documented_rule(input.device.type, input.dtype, os.environ.get("AECR_DCN_CUDA_PATH"),
-                                       torch.backends.cuda.matmul.allow_tf32, capability)
+    """The path aecr_ops.deform_conv2d would run for these arguments now ("cpu", "simple" or "implicit")."""
+    return aecr_ops.deform_conv2d_path(input, offset, weight, mask=mask, stride=stride, padding=padding,
+                                       dilation=dilation)
 
 
 def failure_entry(error):
@@ -201,27 +178,6 @@ def add_ratios(row, ours_names):
         if default and measured(row.get(default)):
             ours["ratio_to_default_forward_backward"] = (ours["forward_backward_s"]
                                                          / row[default]["forward_backward_s"])
-
-
-def release_cuda_memory(device):
-    """Frees cached blocks after a failed measurement; never raises (after a sticky CUDA error nothing works)."""
-    if device != "cuda":
-        return
-    try:
-        torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def write_json_atomic(path, document):
-    """Writes a JSON file through a temporary file in the same folder and os.replace: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def describe_entry(entry):

@@ -23,6 +23,7 @@ import time
 import torch
 
 import aecr_ops
+from bench_common import release_cuda_memory, sync, write_json_atomic
 from aecr_ops import reference
 
 # name: (input shape, out channels, block, input requires grad)
@@ -67,11 +68,6 @@ def whitening_step(layer, x):
         deconv = reference.isqrt_newton_schulz(cov, layer.n_iter)
     if x.requires_grad:
         (mean.sum() + deconv.sum()).backward()
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_steps(name, device, warmup, repeat, tiny=False):
@@ -126,27 +122,6 @@ def peak_memory(name, device, tiny=False):
             layer.zero_grad()
             x.grad = None
     return out
-
-
-def release_cuda_memory(device):
-    """Frees cached blocks after a failed measurement; never raises (after a sticky CUDA error nothing works)."""
-    if device != "cuda":
-        return
-    try:
-        torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
-
-
-def write_json_atomic(path, document):
-    """Writes a JSON file through a temporary file in the same folder and os.replace: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main():

@@ -33,7 +33,8 @@ import aecr_ops
 from aecr_model import AECRNet
 from aecr_ops import reference
 from aecr_ops.deform_conv import output_size
-from bench_dcn import dcn_path_that_runs, write_json_atomic
+from bench_common import sync, write_json_atomic
+from bench_dcn import dcn_path_that_runs
 
 
 class TorchvisionDCN(aecr_ops.DCN):
@@ -65,11 +66,6 @@ def baseline_of(model: AECRNet) -> AECRNet:
     deconv.load_state_dict(model.deconv.state_dict())
     base.deconv = deconv
     return base
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def alternate(fns, device, warmup, repeat, errors=None):
@@ -270,11 +266,6 @@ def main():
         for label, dtype, allow_tf32 in precisions:
             row = {"what": f"inference {h}x{w}", "precision": label}
             errors = {}
-            # FastDeconv's eval fold cache does not key on autocast: weights folded under bf16 autocast are
-            # reused (in bf16) by a later fp32 call, which then fails. Start each precision from an empty cache.
-            for module in ours.modules():
-                if isinstance(module, aecr_ops.FastDeconv):
-                    module.reset_fold_cache()
             try:
                 ours_runs, paths, not_applicable = our_runs(ours, candidates, run_dtype_of(dtype), allow_tf32)
                 row.update(paths=paths, not_applicable=not_applicable)

@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+import bench_common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_VERSION = 2
 OUTER_LIMIT_S = 590          # gpu_check.sh's timeout around this script (the device tool allows 600 s a command)
@@ -101,7 +103,7 @@ try:
     import aecr_ops
     from aecr_ops import _extension
     info.update(extension_loaded=aecr_ops.extension_loaded(), cuda_kernels_built=aecr_ops.cuda_kernels_built(),
-                deform_conv2d_path=hasattr(aecr_ops, "deform_conv2d_path"), location=aecr_ops.__file__)
+                location=aecr_ops.__file__)
     if _extension._load_error is not None:
         info["load_error"] = str(_extension._load_error)[:500]
 except Exception as error:
@@ -129,18 +131,8 @@ def json_safe(value):
 
 
 def write_json_atomic(path, document):
-    """Writes JSON through a temporary file in the same folder, fsync, then os.replace: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(json_safe(document), f, indent=1, allow_nan=False, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """The result file, atomically (bench_common.write_json_atomic) and strictly JSON (no NaN)."""
+    bench_common.write_json_atomic(path, json_safe(document), indent=1, allow_nan=False, default=str)
 
 
 _PYTEST_WORDS = {"passed": "passed", "failed": "failed", "error": "errors", "errors": "errors",
@@ -374,7 +366,7 @@ class Harness:
             "python_executable": sys.executable,
             "torch": None, "cuda": None, "torchvision": None, "cudnn": None,
             "device": None, "capability": None, "nvidia_smi": None,
-            "cuda_kernels_built": None, "deform_conv2d_path_available": None,
+            "cuda_kernels_built": None,
             **git_info(),
             "source_digest": source_digest(),
             "outer_limit_s": outer_limit,
@@ -558,7 +550,6 @@ class Harness:
                 info = json.loads(line[len("GPU_CHECK_BUILD "):])
         summary.update(info)
         self.result["cuda_kernels_built"] = info.get("cuda_kernels_built")
-        self.result["deform_conv2d_path_available"] = info.get("deform_conv2d_path")
         good = rc == 0 and info.get("extension_loaded") and (self.dry_run or info.get("cuda_kernels_built"))
         if not good:
             self.build_failed = "aecr_ops does not import" if not info.get("extension_loaded") else \

@@ -17,8 +17,11 @@ import time
 import pytest
 import torch
 
+import aecr_ops
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)  # the scripts import their shared pieces (bench_common)
 
 
 def load(name):
@@ -304,16 +307,9 @@ def test_write_json_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # bench_dcn: path labels, unsupported dtypes, partial results
 
-def test_documented_path_rule():
-    rule = bench_dcn.dcn_path_by_documented_rule
-    assert rule("cpu", torch.bfloat16, "implicit", True, None) == "cpu"
-    assert rule("cuda", torch.float32, None, True, 9) == "simple"
-    assert rule("cuda", torch.float32, "simple", True, 9) == "simple"
-    assert rule("cuda", torch.float32, "implicit", False, 9) == "simple"      # fp32 without TF32
-    assert rule("cuda", torch.float32, "implicit", True, 9) == "implicit"
-    assert rule("cuda", torch.float64, "implicit", True, 9) == "simple"
-    assert rule("cuda", torch.bfloat16, "implicit", False, 8) == "implicit"
-    assert rule("cuda", torch.float16, "implicit", False, 7) == "simple"      # below compute capability 8.0
+def test_rows_are_labelled_by_the_op_that_reports_the_path():
+    x, o, w = torch.randn(1, 4, 6, 6), torch.randn(1, 18, 6, 6), torch.randn(3, 4, 3, 3)
+    assert bench_dcn.dcn_path_that_runs(x, o, w, padding=1) == aecr_ops.deform_conv2d_path(x, o, w, padding=1) == "cpu"
 
 
 def test_failure_entries():

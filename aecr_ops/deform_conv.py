@@ -80,7 +80,8 @@ def deform_conv2d(
 ) -> Tensor:
     r"""Modulated deformable convolution (DCNv2, Zhu et al., CVPR 2019; DCNv1 without a mask).
 
-    A drop-in for :func:`torchvision.ops.deform_conv2d`: same arguments in the same order, same results.
+    A drop-in for :func:`torchvision.ops.deform_conv2d`: same arguments in the same order, same results (under
+    CUDA autocast it computes in the autocast dtype, where torchvision's computes in float32).
 
     .. math::
         out[b,o,y,x] = bias[o] + \sum_{c \in G(o)} \sum_{i,j} W[o,c,i,j]\, m_{b,g(c),k}(y,x)\,
@@ -136,7 +137,8 @@ def deform_conv2d_path(
     ``"cpu"`` for CPU tensors; on CUDA ``"simple"`` or ``"implicit"``, which depends on ``AECR_DCN_CUDA_PATH``,
     the dtype, ``torch.backends.cuda.matmul.allow_tf32`` and the GPU (the implicit path silently falls back to the
     simple one where it does not apply). Benchmarks label their measurements with it. Same arguments as
-    :func:`deform_conv2d` (bias aside).
+    :func:`deform_conv2d` (bias aside). A query for eager code: it has no fake kernel, so not inside
+    ``torch.compile``.
     """
     stride = _checks.pair(stride, "stride", 1, _OP)
     padding = _checks.pair(padding, "padding", 0, _OP)

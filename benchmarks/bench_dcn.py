@@ -226,7 +226,8 @@ def run_row(text, args, dtype, impls, ours_names, save):
         except Exception as error:  # noqa: BLE001 - one implementation failing must not lose the others
             row[name] = failure_entry(error)
             release_cuda_memory(args.device)
-        if name == "torchvision" and "unsupported" in row[name] and args.dtype in ("float16", "bfloat16"):
+        if name == "torchvision" and fn is not None and "unsupported" in row[name] and args.dtype in ("float16",
+                                                                                                     "bfloat16"):
             # torchvision has no kernel for this dtype: the same values in float32 are the baseline.
             try:
                 row["torchvision_float32"] = measure(fn, [t.float() for t in tensors], args.device, args.warmup,

@@ -1,7 +1,7 @@
 """The CPU emulator of CUDA (tests/cuda_emulation) for the emulated tests: the module of every CUDA kernel with
 its real driver, built once per session, and the kernels' resources from the real build.
 
-The fixture `emulated` (conftest.py) builds the module (about a minute) and loads benchmarks/cuda_resources.json:
+The fixture `emulated` (conftest.py) builds the module (under a minute on 2 cores) and loads benchmarks/cuda_resources.json:
 registers and launch bounds of each kernel, which the emulator's launch check uses; with it loaded, a kernel the
 table does not know may not launch (so no new kernel runs untried by that check).
 """

@@ -264,29 +264,26 @@ at::Tensor column_workspace(int64_t numel, const at::TensorOptions& options) {
   return buffer.narrow(0, 0, numel);
 }
 
-template <typename V>
-const V* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<V>() : nullptr;
-}
-
 // The kernel class of deform_conv_driver.h on the CPU.
 struct CpuDeformConvKernels {
   int64_t column_budget() const { return kColumnBudget; }
-  at::Tensor workspace(int64_t numel, const at::TensorOptions& options) const { return column_workspace(numel, options); }
+  at::Tensor workspace(int64_t numel, const at::TensorOptions& options) const {
+    return column_workspace(numel, options);
+  }
 
   void im2col(const DeformConvShape& s, int64_t n, const at::Tensor& input, const at::Tensor& offset,
               const std::optional<at::Tensor>& mask, at::Tensor& columns) const {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
-      aecr::im2col<scalar_t>(s, n, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(), data_or_null<scalar_t>(mask),
-                             columns.data_ptr<scalar_t>());
+      aecr::im2col<scalar_t>(s, n, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+                             optional_data<scalar_t>(mask, 0), columns.data_ptr<scalar_t>());
     });
   }
 
   void input_grad(const DeformConvShape& s, int64_t n, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
                   const at::Tensor& grad_columns, at::Tensor grad_input) const {
     AT_DISPATCH_FLOATING_TYPES(offset.scalar_type(), "deform_conv2d_backward_cpu", [&] {
-      col2im<scalar_t>(s, n, offset.data_ptr<scalar_t>(), data_or_null<scalar_t>(mask), grad_columns.data_ptr<scalar_t>(),
-                       grad_input.data_ptr<scalar_t>());
+      col2im<scalar_t>(s, n, offset.data_ptr<scalar_t>(), optional_data<scalar_t>(mask, 0),
+                       grad_columns.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>());
     });
   }
 
@@ -295,7 +292,7 @@ struct CpuDeformConvKernels {
                         const std::optional<at::Tensor>& grad_mask) const {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
       aecr::offset_mask_grad<scalar_t>(s, n, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
-                                       data_or_null<scalar_t>(mask), columns.data_ptr<scalar_t>(),
+                                       optional_data<scalar_t>(mask, 0), columns.data_ptr<scalar_t>(),
                                        grad_offset.data_ptr<scalar_t>(),
                                        grad_mask.has_value() ? grad_mask->data_ptr<scalar_t>() : nullptr);
     });

@@ -1,5 +1,6 @@
 """Checkpoints: this project's (written atomically), official AECR-Net files, and plain state dicts."""
 import os
+import re
 import tempfile
 from typing import Any, Dict, Optional
 
@@ -11,6 +12,17 @@ FORMAT = "aecr-net-checkpoint"
 FORMAT_VERSION = 1
 # The released AECR-Net weights name the two mixups mix4 and mix5.
 _RENAMES = {"mix4.": "mix1.", "mix5.": "mix2."}
+# AECR-Net built on mmcv's DCNv2 (mmcv.ops.ModulatedDeformConv2dPack) instead of CharlesShang/DCNv2's DCN names the
+# offset/mask convolution `dcn.conv_offset` where DCN (and aecr_ops.DCN) name it `dcn.conv_offset_mask`; mmcv's
+# version-1 layers kept it beside the layer, as `dcn_offset`. The tensors are the same: both layers are
+# Conv2d(C_in, 3*dg*kh*kw, kernel, stride, padding) whose output goes through torch.chunk(out, 3, dim=1) into
+# (o1, o2, m), offset = cat(o1, o2), mask = sigmoid(m) (CharlesShang/DCNv2 dcn_v2.py DCN.forward at 65b936e5;
+# mmcv/ops/modulated_deform_conv.py ModulatedDeformConv2dPack.forward at f127a737 and 0093647e), and both
+# kernels read offset channel 2*(g*kh*kw + k) as dy, the next as dx, and mask channel g*kh*kw + k
+# (modulated_deformable_im2col_gpu_kernel in DCNv2's src/cuda/dcn_v2_im2col_cuda.cu and in mmcv's
+# modulated_deform_conv_cuda_kernel.cuh). So the keys are renamed and the tensors kept as they are.
+_MMCV_DCN_KEYS = (re.compile(r"^(.*\.)?dcn\.conv_offset\.(weight|bias)$"),
+                  re.compile(r"^(.*\.)?dcn_offset\.(weight|bias)$"))
 
 
 class CheckpointError(ValueError):
@@ -68,8 +80,17 @@ def _numpy_globals():
     return out
 
 
+def _mmcv_dcn_key(key: str) -> str:
+    for pattern in _MMCV_DCN_KEYS:
+        match = pattern.match(key)
+        if match:
+            return f"{match.group(1) or ''}dcn.conv_offset_mask.{match.group(2)}"
+    return key
+
+
 def normalise_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Strips DataParallel's `module.` prefixes and maps the official mix4/mix5 names to mix1/mix2."""
+    """Strips DataParallel's `module.` prefixes, maps the official mix4/mix5 names to mix1/mix2, and the DCN
+    layers' mmcv names (`dcn.conv_offset.*`, mmcv's older `dcn_offset.*`) to `dcn.conv_offset_mask.*`."""
     out = {}
     for key, value in state.items():
         while key.startswith("module."):
@@ -78,7 +99,15 @@ def normalise_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
             if key.startswith(old):
                 key = new + key[len(old):]
         out[key] = value
-    return out
+    renamed = {}
+    for key, value in out.items():
+        new = _mmcv_dcn_key(key)
+        # A file holding two names of one tensor keeps the extra one, so that loading reports it instead of
+        # picking one silently.
+        if new != key and (new in out or new in renamed):
+            new = key
+        renamed[new] = value
+    return renamed
 
 
 def read_checkpoint(path: str, map_location=None) -> Dict[str, Any]:
@@ -104,7 +133,8 @@ def read_checkpoint(path: str, map_location=None) -> Dict[str, Any]:
 
 def load_checkpoint(path: str, map_location: Optional[Any] = None) -> AECRNet:
     """Loads an AECRNet from this project's checkpoints, official AECR-Net files (the state dict under
-    "model", `module.` prefixes, `mix4`/`mix5` names) or a plain state dict. Returns it in eval mode."""
+    "model", `module.` prefixes, `mix4`/`mix5` names), AECR-Net files whose DCN layers were mmcv's
+    ModulatedDeformConv2dPack (`dcn.conv_offset` keys) or a plain state dict. Returns it in eval mode."""
     ckpt = read_checkpoint(path, map_location)
     model = AECRNet(**ckpt["config"])
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)

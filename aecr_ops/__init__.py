@@ -2,6 +2,10 @@
 
 - :func:`deform_conv2d`, :class:`ModulatedDeformConv2d`, :class:`DCN`: modulated deformable convolution
   (DCNv2), a drop-in for torchvision.ops.deform_conv2d and CharlesShang/DCNv2's DCN.
+- :class:`DeformConv2d`: a drop-in for torchvision.ops.DeformConv2d (same state dict, initialisation, repr).
+- :class:`ModulatedDeformConv2dPack`, :class:`MMCVModulatedDeformConv2d`: drop-ins for mmcv.ops'
+  ModulatedDeformConv2dPack ("DCNv2") and ModulatedDeformConv2d; :mod:`aecr_ops.mmcv_compat` gives them (and
+  mmcv's functional ``modulated_deform_conv2d``) under mmcv's names.
 - :class:`FastDeconv`, :func:`patch_statistics`, :func:`isqrt_newton_schulz`: network deconvolution
   (FastDeconv whitening), exact to the original layer of yechengxi/deconvolution.
 - :mod:`aecr_ops.reference`: pure-PyTorch references (no compiled code needed).
@@ -14,13 +18,15 @@ from ._checks import ArgumentError, ArgumentTypeError
 from ._extension import cuda_kernels_built, extension_loaded
 from .deform_conv import deform_conv2d, deform_conv2d_path
 from .fastdeconv import FastDeconv, isqrt_newton_schulz, patch_statistics
-from .modules import DCN, ModulatedDeformConv2d
+from .modules import (DCN, DeformConv2d, MMCVModulatedDeformConv2d, ModulatedDeformConv2d,
+                      ModulatedDeformConv2dPack)
 
 if extension_loaded():
     from . import _registrations  # noqa: F401
 
 __all__ = [
-    "deform_conv2d", "deform_conv2d_path", "ModulatedDeformConv2d", "DCN", "FastDeconv", "patch_statistics",
+    "deform_conv2d", "deform_conv2d_path", "ModulatedDeformConv2d", "DCN", "DeformConv2d",
+    "ModulatedDeformConv2dPack", "MMCVModulatedDeformConv2d", "FastDeconv", "patch_statistics",
     "isqrt_newton_schulz", "reference", "ArgumentError", "ArgumentTypeError", "extension_loaded",
     "cuda_kernels_built",
 ]

@@ -6,6 +6,7 @@ from .inference import dehaze_files, dehaze_tensor
 from .losses import ContrastiveRegularization
 from .metrics import psnr, ssim
 from .network import AECRNet
+from .tiled import dehaze_tiled
 
 __all__ = ["AECRNet", "load_checkpoint", "save_checkpoint", "ContrastiveRegularization", "dehaze_dcp",
-           "dehaze_tensor", "dehaze_files", "psnr", "ssim"]
+           "dehaze_tensor", "dehaze_tiled", "dehaze_files", "psnr", "ssim"]

@@ -20,6 +20,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aecr-net", description="AECR-Net single-image dehazing: train, "
                                      "evaluate and dehaze, on the CPU or CUDA.")
@@ -72,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--device", type=_device, default="cpu")
     d.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA")
+    d.add_argument("--tile", type=_non_negative_int, default=0, metavar="N",
+                   help="dehaze in tiles of N x N pixels (overlaps included), for images too large to run whole; "
+                   "only tiles go to --device, the image stays on the CPU (0: the whole image at once)")
+    d.add_argument("--tile-overlap", type=_non_negative_int, default=32, metavar="M",
+                   help="context margin of a tile on each side, in pixels (default 32; at least 12 for AECR-Net; "
+                   "--tile must be larger than 2 * M)")
     d.add_argument("--no-progress", action="store_true")
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX (DeformConv, opset >= 19)")
@@ -146,17 +162,22 @@ def _run(args) -> int:
     if args.command == "dehaze":
         from .checkpoint import load_checkpoint
         from .inference import dehaze_files
+        from .tiled import check_tiling
         if (args.checkpoint is None) == (args.onnx is None):
             raise ValueError("give exactly one of --checkpoint and --onnx")
         if args.onnx is not None:
+            if args.tile:
+                raise ValueError("--tile is not available with --onnx (tile with --checkpoint)")
             from .onnx_export import dehaze_files_onnx
             written = dehaze_files_onnx(args.onnx, args.inputs, args.out, progress=not args.no_progress)
             print(f"wrote {len(written)} image(s) to {args.out} (ONNX Runtime)")
             return 0
         _check_device(args.device)
         model = load_checkpoint(args.checkpoint, map_location=args.device)
+        check_tiling(args.tile, args.tile_overlap, model, names=("--tile", "--tile-overlap"))
         autocast = torch.bfloat16 if args.precision == "bf16" else None
-        written = dehaze_files(model, args.inputs, args.out, args.device, autocast, progress=not args.no_progress)
+        written = dehaze_files(model, args.inputs, args.out, args.device, autocast, progress=not args.no_progress,
+                               tile=args.tile, overlap=args.tile_overlap)
         print(f"wrote {len(written)} image(s) to {args.out}")
         return 0
     if args.command == "export":

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import IMAGE_EXTENSIONS, DataError, load_image, save_image
+from .tiled import DEFAULT_OVERLAP, check_tiling, dehaze_tiled
 
 
 def pad_to_multiple(x: Tensor, multiple: int = 4) -> Tensor:
@@ -51,8 +52,12 @@ def expand_inputs(inputs: Iterable[str]) -> List[str]:
 
 
 def dehaze_files(model: nn.Module, inputs: Iterable[str], out_dir: str, device: str = "cpu",
-                 autocast_dtype: Optional[torch.dtype] = None, progress: bool = False) -> List[str]:
-    """Dehazes image files (or folders of them) into out_dir/<input name>.png; returns the paths written."""
+                 autocast_dtype: Optional[torch.dtype] = None, progress: bool = False, tile: int = 0,
+                 overlap: int = DEFAULT_OVERLAP) -> List[str]:
+    """Dehazes image files (or folders of them) into out_dir/<input name>.png; returns the paths written.
+
+    tile > 0: tile by tile (aecr_model.tiled.dehaze_tiled; overlap in pixels), the image staying on the CPU."""
+    tiled = check_tiling(tile, overlap, model)
     files = expand_inputs(inputs)
     names = [os.path.splitext(os.path.basename(f))[0] + ".png" for f in files]
     duplicates = {n for n in names if names.count(n) > 1}
@@ -65,7 +70,10 @@ def dehaze_files(model: nn.Module, inputs: Iterable[str], out_dir: str, device: 
         from tqdm import tqdm
         iterator = tqdm(files, desc="dehaze", unit="image")
     for path, name in zip(iterator, names):
-        out = dehaze_tensor(model, load_image(path)[None].to(device), autocast_dtype)
+        if tiled:
+            out = dehaze_tiled(model, load_image(path)[None], tile, overlap, autocast_dtype)
+        else:
+            out = dehaze_tensor(model, load_image(path)[None].to(device), autocast_dtype)
         target = os.path.join(out_dir, name)
         save_image(out[0].cpu(), target)
         written.append(target)

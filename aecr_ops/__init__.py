@@ -12,7 +12,7 @@ so they work with torch.compile, torch.library.opcheck, autocast and torch.use_d
 from . import reference
 from ._checks import ArgumentError, ArgumentTypeError
 from ._extension import cuda_kernels_built, extension_loaded
-from .deform_conv import deform_conv2d, deform_conv2d_path
+from .deform_conv import deform_conv2d, deform_conv2d_path, release_workspaces, workspace_bytes
 from .fastdeconv import FastDeconv, isqrt_newton_schulz, patch_statistics
 from .modules import DCN, ModulatedDeformConv2d
 
@@ -20,7 +20,7 @@ if extension_loaded():
     from . import _registrations  # noqa: F401
 
 __all__ = [
-    "deform_conv2d", "deform_conv2d_path", "ModulatedDeformConv2d", "DCN", "FastDeconv", "patch_statistics",
+    "deform_conv2d", "deform_conv2d_path", "release_workspaces", "workspace_bytes", "ModulatedDeformConv2d", "DCN", "FastDeconv", "patch_statistics",
     "isqrt_newton_schulz", "reference", "ArgumentError", "ArgumentTypeError", "extension_loaded",
     "cuda_kernels_built",
 ]

@@ -8,6 +8,7 @@
   mmcv's functional ``modulated_deform_conv2d``) under mmcv's names.
 - :class:`FastDeconv`, :func:`patch_statistics`, :func:`isqrt_newton_schulz`: network deconvolution
   (FastDeconv whitening), exact to the original layer of yechengxi/deconvolution.
+- :func:`workspace_bytes`, :func:`release_workspaces`: the CPU column workspaces kept between calls.
 - :mod:`aecr_ops.reference`: pure-PyTorch references (no compiled code needed).
 
 The ops are registered with PyTorch's dispatcher as ``torch.ops.aecr_ops.*``, with fake kernels and autograd,
@@ -16,7 +17,7 @@ so they work with torch.compile, torch.library.opcheck, autocast and torch.use_d
 from . import reference
 from ._checks import ArgumentError, ArgumentTypeError
 from ._extension import cuda_kernels_built, extension_loaded
-from .deform_conv import deform_conv2d, deform_conv2d_path
+from .deform_conv import deform_conv2d, deform_conv2d_path, release_workspaces, workspace_bytes
 from .fastdeconv import FastDeconv, isqrt_newton_schulz, patch_statistics
 from .modules import (DCN, DeformConv2d, MMCVModulatedDeformConv2d, ModulatedDeformConv2d,
                       ModulatedDeformConv2dPack)
@@ -25,8 +26,8 @@ if extension_loaded():
     from . import _registrations  # noqa: F401
 
 __all__ = [
-    "deform_conv2d", "deform_conv2d_path", "ModulatedDeformConv2d", "DCN", "DeformConv2d",
-    "ModulatedDeformConv2dPack", "MMCVModulatedDeformConv2d", "FastDeconv", "patch_statistics",
+    "deform_conv2d", "deform_conv2d_path", "release_workspaces", "workspace_bytes", "ModulatedDeformConv2d", "DCN",
+    "DeformConv2d", "ModulatedDeformConv2dPack", "MMCVModulatedDeformConv2d", "FastDeconv", "patch_statistics",
     "isqrt_newton_schulz", "reference", "ArgumentError", "ArgumentTypeError", "extension_loaded",
     "cuda_kernels_built",
 ]

@@ -13,10 +13,16 @@ def _deform_conv2d_fake(input, weight, offset, mask, bias, stride, padding, dila
 
 @torch.library.register_fake("aecr_ops::deform_conv2d_backward")
 def _deform_conv2d_backward_fake(grad_output, input, weight, offset, mask, stride, padding, dilation, groups,
-                                 offset_groups):
-    grad_mask = mask.new_empty(mask.shape) if mask is not None else input.new_empty((0,))
-    return (input.new_empty(input.shape), weight.new_empty(weight.shape), offset.new_empty(offset.shape), grad_mask,
-            weight.new_empty((weight.shape[0],)))
+                                 offset_groups, output_mask=(True, True, True, True, True)):
+    needs_input, needs_weight, needs_offset, needs_mask, needs_bias = output_mask
+    def none():  # a new one for each: the outputs must not alias
+        return input.new_empty((0,))
+
+    return (input.new_empty(input.shape) if needs_input else none(),
+            weight.new_empty(weight.shape) if needs_weight else none(),
+            offset.new_empty(offset.shape) if needs_offset else none(),
+            mask.new_empty(mask.shape) if mask is not None and needs_mask else none(),
+            weight.new_empty((weight.shape[0],)) if needs_bias else none())
 
 
 def _deform_conv2d_setup_context(ctx, inputs, output):
@@ -29,17 +35,12 @@ def _deform_conv2d_setup_context(ctx, inputs, output):
 
 def _deform_conv2d_backward(ctx, grad_output):
     input, weight, offset, mask = ctx.saved_tensors
-    grads = torch.ops.aecr_ops.deform_conv2d_backward(grad_output, input, weight, offset, mask, *ctx.config)
-    grad_input, grad_weight, grad_offset, grad_mask, grad_bias = grads
     needs = ctx.needs_input_grad
-    return (
-        grad_input if needs[0] else None,
-        grad_weight if needs[1] else None,
-        grad_offset if needs[2] else None,
-        grad_mask if ctx.has_mask and needs[3] else None,
-        grad_bias if ctx.has_bias and needs[4] else None,
-        None, None, None, None, None,
-    )
+    # Only the gradients autograd needs are computed (a frozen weight, a first layer's input, a constant offset...).
+    output_mask = [needs[0], needs[1], needs[2], ctx.has_mask and needs[3], ctx.has_bias and needs[4]]
+    grads = torch.ops.aecr_ops.deform_conv2d_backward(grad_output, input, weight, offset, mask, *ctx.config,
+                                                      output_mask)
+    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask)) + (None,) * 5
 
 
 def _no_double_backward(ctx, *grads):

@@ -147,3 +147,24 @@ def deform_conv2d_path(
     require_extension()
     return torch.ops.aecr_ops.deform_conv2d_path(
         input, weight, offset, mask, list(stride), list(padding), list(dilation), groups, offset_groups)
+
+
+def workspace_bytes() -> int:
+    """Bytes of the CPU column workspaces that :func:`deform_conv2d` keeps between calls.
+
+    At most one buffer per dtype is kept, and only within the column budget (64 MB): the column work is cut into
+    chunks of images, or of the pixels of one image, that fit it, so no buffer grows with the image size. (CUDA
+    buffers come from PyTorch's caching allocator: ``torch.cuda.memory_reserved``.)
+    """
+    require_extension()
+    return torch.ops.aecr_ops.workspace_bytes()
+
+
+def release_workspaces() -> int:
+    """Frees the CPU column workspaces kept between calls (see :func:`workspace_bytes`); returns the bytes freed.
+
+    The next call allocates afresh. A workspace in use by a call running in another thread is freed when that
+    call ends. For CUDA, ``torch.cuda.empty_cache()`` returns the caching allocator's memory.
+    """
+    require_extension()
+    return torch.ops.aecr_ops.release_workspaces()

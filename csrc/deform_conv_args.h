@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "aecr/deform_conv.h"
@@ -105,10 +106,53 @@ const V* optional_data(const std::optional<at::Tensor>& t, int64_t element_offse
   return t.has_value() ? t->data_ptr<V>() + element_offset : nullptr;
 }
 
-// Images per chunk, so that the column buffer [C*K, n*P] holds at most `budget` elements (at least one image).
-inline int64_t images_per_chunk(const DeformConvShape& s, int64_t batch, int64_t budget) {
-  const int64_t per_image = std::max<int64_t>(1, s.channels * s.taps() * s.pixels());
-  return std::max<int64_t>(1, std::min<int64_t>(batch, budget / per_image));
+// The writable data of an optional tensor, or null when it is absent (a gradient not asked for).
+template <typename V>
+V* mutable_data(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<V>() : nullptr;
+}
+
+// Which gradients deform_conv2d_backward computes (its `output_mask`, in the order of its results). The mask
+// gradient is computed only when there is a mask.
+struct DeformConvGrads {
+  bool input = true, weight = true, offset = true, mask = true, bias = true;
+
+  bool column_grad() const { return input || offset || mask; }  // needs W^T grad_out
+  bool sampling() const { return offset || mask; }               // needs the offset and mask pass
+};
+
+inline DeformConvGrads check_output_mask(const c10::List<bool>& output_mask, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(output_mask.size() == 5, "deform_conv2d_backward: `output_mask` must have 5 values (input, weight, "
+              "offset, mask, bias), got ", output_mask.size());
+  DeformConvGrads g;
+  g.input = output_mask[0];
+  g.weight = output_mask[1];
+  g.offset = output_mask[2];
+  g.mask = output_mask[3] && mask.has_value();
+  g.bias = output_mask[4];
+  return g;
+}
+
+// How the column work is cut: `images` whole images per chunk while one image's columns [C*K, P] fit `budget`
+// elements, else one image per chunk and `pixels` output pixels of it (at least one).
+struct ChunkPlan {
+  int64_t images, pixels;
+};
+
+inline ChunkPlan plan_chunks(const DeformConvShape& s, int64_t batch, int64_t budget) {
+  const int64_t rows = std::max<int64_t>(1, s.channels * s.taps()), P = s.pixels();
+  if (rows * P <= budget) return ChunkPlan{std::max<int64_t>(1, std::min<int64_t>(batch, budget / (rows * P))), P};
+  return ChunkPlan{1, std::max<int64_t>(1, budget / rows)};
+}
+
+// Calls fn(first image, chunk) for every chunk of the plan, images in order and pixels in order within one.
+template <class Fn>
+void for_each_chunk(const DeformConvShape& s, int64_t batch, const ChunkPlan& plan, const Fn& fn) {
+  const int64_t P = s.pixels();
+  for (int64_t b0 = 0; b0 < batch; b0 += plan.images) {
+    const int64_t n = std::min(plan.images, batch - b0);
+    for (int64_t p0 = 0; p0 < P; p0 += plan.pixels) fn(b0, ColumnChunk{n, p0, std::min(plan.pixels, P - p0)});
+  }
 }
 
 }  // namespace aecr

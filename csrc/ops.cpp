@@ -18,17 +18,23 @@ TORCH_LIBRARY(aecr_ops, m) {
   m.def(
       "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int offset_groups) -> Tensor");
-  // Gradients of deform_conv2d with respect to (input, weight, offset, mask, bias). Without a mask the mask
-  // gradient is an empty tensor.
+  // Gradients of deform_conv2d with respect to (input, weight, offset, mask, bias), those that `output_mask`
+  // asks for (as in aten::convolution_backward): a gradient not asked for, and the mask gradient without a mask,
+  // is an empty tensor [0], and its work is skipped.
   m.def(
       "deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, Tensor? mask, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, int offset_groups) -> "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, int offset_groups, "
+      "bool[] output_mask=[True, True, True, True, True]) -> "
       "(Tensor grad_input, Tensor grad_weight, Tensor grad_offset, Tensor grad_mask, Tensor grad_bias)");
   // Which implementation deform_conv2d runs for these arguments now: "cpu", or on CUDA "simple" or "implicit"
   // (AECR_DCN_CUDA_PATH, dtype, TF32 setting and GPU decide). For benchmarks and tests.
   m.def(
       "deform_conv2d_path(Tensor input, Tensor weight, Tensor offset, Tensor? mask, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int offset_groups) -> str");
+  // The CPU column workspaces kept between calls (at most one buffer per dtype, each within the budget of
+  // cpu/deform_conv_cpu.cpp): their bytes, and freeing them (returns the bytes freed).
+  m.def("workspace_bytes() -> int");
+  m.def("release_workspaces() -> int");
 
   // FastDeconv: mean [groups, F] and covariance + eps*I [groups, F, F] of the input's k x k patches taken every
   // `sampling_stride` pixels (F = kh*kw*block; see csrc/include/aecr/patch_stats.h for the column grouping).

@@ -22,6 +22,7 @@ SIMPLE_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.f
                    torch.bfloat16: 2.0 ** -8}
 IMPLICIT_ROUNDOFF = {torch.float32: 2.0 ** -11, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 BIG_BUDGET = 1 << 28
+ALL_GRADS = (True, True, True, True, True)  # output_mask: input, weight, offset, mask, bias
 
 SIMPLE_CASES = {
     **{name: NAMED_CASES[name] for name in sorted(NAMED_CASES)},
@@ -67,7 +68,8 @@ def grad_names(b, m):
 
 def emulated_grads(emulated, tensors, geometry, grad, dtype, path, deterministic, budget=BIG_BUDGET):
     x, o, w, b, m = tensors
-    gi, gw, go, gm, gb = emulated.dcn_backward(grad.to(dtype), x, w, o, m, *geometry, path, deterministic, budget)
+    gi, gw, go, gm, gb = emulated.dcn_backward(grad.to(dtype), x, w, o, m, *geometry, path, deterministic, budget,
+                                               ALL_GRADS)
     return [gi, go, gw] + ([gb] if b is not None else []) + ([gm] if m is not None else [])
 
 
@@ -85,6 +87,14 @@ def one_image_budget(case):
     return case.in_channels * kh * kw * ho * wo
 
 
+def pixel_chunk_budget(case):
+    """A column budget of about a third of one image's columns: each image is cut into three pixel chunks (the
+    last one shorter), whose input gradients add up in the image's planes."""
+    kh, kw = case.kernel
+    ho, wo = case.out_size()
+    return case.in_channels * kh * kw * (ho * wo // 3 + 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(SIMPLE_CASES))
 def test_emulated_simple_path_matches_float64_reference(emulated, name, dtype):
@@ -92,8 +102,9 @@ def test_emulated_simple_path_matches_float64_reference(emulated, name, dtype):
     tensors, geometry = problem(case, dtype)
     x, o, w, b, m = tensors
     out_exact, grad, grads_exact = exact(case, tensors)
-    # Columns of several images in one chunk (GEMM into a buffer, then transposed), and one image per chunk.
-    for budget in (BIG_BUDGET, one_image_budget(case)):
+    # Columns of several images in one chunk (GEMM into a buffer, then transposed), one image per chunk, and
+    # pixel ranges of one image per chunk.
+    for budget in (BIG_BUDGET, one_image_budget(case), pixel_chunk_budget(case)):
         out = emulated.dcn_forward(x, w, o, m, b, *geometry, "simple", budget)
         assert_close_in_precision(out, out_exact, dtype, SIMPLE_ROUNDOFF, f"output (budget {budget})", factor=64)
         for deterministic in (False, True):
@@ -117,7 +128,7 @@ def test_emulated_simple_path_equals_the_cpu_op(emulated, name, dtype):
     grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
     cpu = torch.ops.aecr_ops.deform_conv2d_backward(grad, x, w, o, m, *geometry)
     for deterministic in (False, True):
-        got = emulated.dcn_backward(grad, x, w, o, m, *geometry, "simple", deterministic, BIG_BUDGET)
+        got = emulated.dcn_backward(grad, x, w, o, m, *geometry, "simple", deterministic, BIG_BUDGET, ALL_GRADS)
         for a, e in zip(got, cpu):
             # Atomics add in another order than the CPU's per-plane sums: equal up to rounding.
             tol = (1e-12 if dtype == torch.float64 else 1e-5) * (e.abs().max().item() + 1)
@@ -133,10 +144,12 @@ def test_emulated_implicit_path_matches_float64_reference(emulated, name, dtype)
     out_exact, grad, grads_exact = exact(case, tensors)
     out = emulated.dcn_forward(x, w, o, m, b, *geometry, "implicit", 0)
     assert_close_in_precision(out, out_exact, dtype, IMPLICIT_ROUNDOFF, "output")
-    for deterministic in (False, True):
-        got = emulated_grads(emulated, tensors, geometry, grad, dtype, "implicit", deterministic)
+    # The deterministic input gradient goes through column-gradient chunks: of images, or of pixels.
+    for deterministic, budget in ((False, BIG_BUDGET), (True, BIG_BUDGET), (True, pixel_chunk_budget(case))):
+        got = emulated_grads(emulated, tensors, geometry, grad, dtype, "implicit", deterministic, budget)
         for label, g, e in zip(grad_names(b, m), got, grads_exact):
-            assert_close_in_precision(g, e, dtype, IMPLICIT_ROUNDOFF, f"{label} (deterministic={deterministic})")
+            assert_close_in_precision(g, e, dtype, IMPLICIT_ROUNDOFF,
+                                      f"{label} (deterministic={deterministic}, budget {budget})")
 
 
 def test_emulated_deterministic_backward_is_bitwise_reproducible_and_split_independent(emulated):
@@ -216,7 +229,8 @@ def test_non_finite_pixels_reach_exactly_the_samples_torchvision_reaches(emulate
         got = [emulated.dcn_forward(x, w, o, m, b, *geometry, where, BIG_BUDGET)]
         backward = []
         for deterministic in (False, True):
-            gi, gw, go, gm, gb = emulated.dcn_backward(grad, x, w, o, m, *geometry, where, deterministic, BIG_BUDGET)
+            gi, gw, go, gm, gb = emulated.dcn_backward(grad, x, w, o, m, *geometry, where, deterministic, BIG_BUDGET,
+                                                       ALL_GRADS)
             backward.append([gi, go, gw, gb, gm])
         got += backward[0]
     names = ["output", "input", "offset", "weight", "bias", "mask"]
@@ -234,3 +248,29 @@ def aecr_grads(case, tensors, grad):
     out = aecr_ops.deform_conv2d(x, o, w, b, mask=m, **case.kwargs())
     grads = torch.autograd.grad((out * grad).sum(), [x, o, w, b, m])
     return [out] + list(grads)
+
+
+# Masks of deform_conv2d_backward (input, weight, offset, mask, bias): first layers, frozen weights, constant
+# offsets, and each gradient alone.
+OUTPUT_MASKS = [(True, False, False, False, False), (False, True, False, False, False),
+                (False, False, True, False, False), (False, False, False, True, False),
+                (False, False, True, True, False), (True, False, True, True, True), (False, True, False, False, True)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("path", ["simple", "implicit"])
+@pytest.mark.parametrize("name", ["3x3_pad1_mask", "both_groups"])
+def test_emulated_backward_computes_only_the_gradients_asked_for(emulated, name, path, deterministic):
+    case = IMPLICIT_CASES[name]
+    (x, o, w, b, m), geometry = problem(case, torch.float32, seed=6)
+    grad = torch.randn(case.batch, case.out_channels, *case.out_size(), generator=torch.Generator().manual_seed(4))
+    budget = pixel_chunk_budget(case)
+    full = emulated.dcn_backward(grad, x, w, o, m, *geometry, path, deterministic, budget, ALL_GRADS)
+    for output_mask in OUTPUT_MASKS:
+        got = emulated.dcn_backward(grad, x, w, o, m, *geometry, path, deterministic, budget, output_mask)
+        for label, wanted, g, f in zip(["input", "weight", "offset", "mask", "bias"], output_mask, got, full):
+            if wanted:
+                tol = 1e-6 * (f.abs().max().item() + 1)
+                torch.testing.assert_close(g, f, rtol=tol, atol=tol, msg=f"{label} with {output_mask}")
+            else:
+                assert g.numel() == 0, f"{label} was computed though {output_mask} does not ask for it"

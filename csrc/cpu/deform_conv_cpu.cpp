@@ -21,25 +21,31 @@
 #include "aecr/deform_conv.h"
 #include "deform_conv_args.h"
 #include "deform_conv_driver.h"
+#include "cpu/workspace.h"
 
 namespace aecr {
 namespace {
 
 constexpr int64_t kTile = 128;
-constexpr int64_t kColumnBudget = int64_t(1) << 24;  // elements of the column buffer of one chunk
+constexpr int64_t kColumnBytes = int64_t(64) << 20;  // the column buffer of one chunk, whatever the image size
 
 struct Tile {
   int64_t b, g, k, p0, len;
 };
 
-int64_t tiles_per_tap(const DeformConvShape& s) { return (s.pixels() + kTile - 1) / kTile; }
+int64_t tiles_per_tap(const ColumnChunk& c) { return (c.pixels + kTile - 1) / kTile; }
 
-// Tile i of the [n, OG, K, tiles] grid.
-Tile tile_from_index(const DeformConvShape& s, int64_t i) {
-  const int64_t per_tap = tiles_per_tap(s);
+// Tiles of a chunk: its [n, OG, K, tiles] grid.
+int64_t tile_count(const DeformConvShape& s, const ColumnChunk& c) {
+  return c.images * s.offset_groups * s.taps() * tiles_per_tap(c);
+}
+
+// Tile i of the chunk's grid.
+Tile tile_from_index(const DeformConvShape& s, const ColumnChunk& c, int64_t i) {
+  const int64_t per_tap = tiles_per_tap(c);
   Tile t;
-  t.p0 = (i % per_tap) * kTile;
-  t.len = std::min(kTile, s.pixels() - t.p0);
+  t.p0 = c.pixel_begin + (i % per_tap) * kTile;
+  t.len = std::min(kTile, c.pixel_begin + c.pixels - t.p0);
   i /= per_tap;
   t.k = i % s.taps();
   i /= s.taps();
@@ -157,56 +163,58 @@ int64_t channel_block(const DeformConvShape& s) {
 // Calls body(tile index, tile) for the tiles [begin, end) once per block of channels of each tile's offset group,
 // block by block: body(i, tile, c_begin, c_end).
 template <typename V, class Body>
-void for_tiles_by_channel_block(const DeformConvShape& s, int64_t begin, int64_t end, const Body& body) {
+void for_tiles_by_channel_block(const DeformConvShape& s, const ColumnChunk& chunk, int64_t begin, int64_t end,
+                                const Body& body) {
   const int64_t cpg = s.channels_per_offset_group(), step = channel_block<V>(s);
   for (int64_t c0 = 0; c0 < cpg; c0 += step) {
     for (int64_t i = begin; i < end; ++i) {
-      const Tile tile = tile_from_index(s, i);
+      const Tile tile = tile_from_index(s, chunk, i);
       body(i, tile, tile.g * cpg + c0, tile.g * cpg + std::min(cpg, c0 + step));
     }
   }
 }
 
-// columns [C*K, n*P] of a chunk of n images. input/offset/mask point at the chunk's first image.
+// columns [C*K, width] of a chunk. input/offset/mask point at the chunk's first image.
 template <typename V>
-void im2col(const DeformConvShape& s, int64_t n, const V* input, const V* offset, const V* mask, V* columns) {
+void im2col(const DeformConvShape& s, const ColumnChunk& chunk, const V* input, const V* offset, const V* mask,
+            V* columns) {
   with_index_type(s, [&](auto tag) {
     using I = decltype(tag);
-    at::parallel_for(0, n * s.offset_groups * s.taps() * tiles_per_tap(s), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tile_count(s, chunk), 1, [&](int64_t begin, int64_t end) {
       auto plan = std::make_unique<TilePlan<V, I>>();
-      for_tiles_by_channel_block<V>(s, begin, end, [&](int64_t, const Tile& tile, int64_t c_begin, int64_t c_end) {
+      for_tiles_by_channel_block<V>(s, chunk, begin, end, [&](int64_t, const Tile& tile, int64_t c_begin, int64_t c_end) {
         plan->fill(s, tile, offset, mask, false);
         const V* image = input + tile.b * s.channels * s.plane();
         for (int64_t c = c_begin; c < c_end; ++c) {
-          plan->sample(image + c * s.plane(), columns + column_index(s, n, c, tile.k, tile.b, tile.p0));
+          plan->sample(image + c * s.plane(), columns + column_index(s, chunk, c, tile.k, tile.b, tile.p0));
         }
       });
     });
   });
 }
 
-// Offset and mask gradients of a chunk from the column gradient in `columns` (grad_mask may be null), which it
-// replaces by the columns themselves (for the weight gradient). Each thread owns a range of tiles and sums over
+// Offset and mask gradients of a chunk from the column gradient in `columns` (either gradient may be null), which
+// it replaces by the columns themselves (for the weight gradient). Each thread owns a range of tiles and sums over
 // the channels in a fixed order, block after block.
 template <typename V>
-void offset_mask_grad(const DeformConvShape& s, int64_t n, const V* input, const V* offset, const V* mask,
-                      V* columns, V* grad_offset, V* grad_mask) {
+void offset_mask_grad(const DeformConvShape& s, const ColumnChunk& chunk, const V* input, const V* offset,
+                      const V* mask, V* columns, V* grad_offset, V* grad_mask) {
   with_index_type(s, [&](auto tag) {
     using I = decltype(tag);
-    at::parallel_for(0, n * s.offset_groups * s.taps() * tiles_per_tap(s), 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tile_count(s, chunk), 1, [&](int64_t begin, int64_t end) {
       auto plan = std::make_unique<TilePlan<V, I>>();
       std::vector<V> sums(3 * kTile * (end - begin), V(0));  // (value, h, w) per site of the range
-      for_tiles_by_channel_block<V>(s, begin, end, [&](int64_t i, const Tile& tile, int64_t c_begin, int64_t c_end) {
+      for_tiles_by_channel_block<V>(s, chunk, begin, end, [&](int64_t i, const Tile& tile, int64_t c_begin, int64_t c_end) {
         plan->fill(s, tile, offset, mask, true);
         V* sum = sums.data() + 3 * kTile * (i - begin);
         const V* image = input + tile.b * s.channels * s.plane();
         for (int64_t c = c_begin; c < c_end; ++c) {
-          plan->accumulate_grad(image + c * s.plane(), columns + column_index(s, n, c, tile.k, tile.b, tile.p0),
+          plan->accumulate_grad(image + c * s.plane(), columns + column_index(s, chunk, c, tile.k, tile.b, tile.p0),
                                 sum, sum + kTile, sum + 2 * kTile);
         }
       });
       for (int64_t i = begin; i < end; ++i) {
-        const Tile tile = tile_from_index(s, i);
+        const Tile tile = tile_from_index(s, chunk, i);
         const V* sum = sums.data() + 3 * kTile * (i - begin);
         for (int64_t q = 0; q < tile.len; ++q) {
           const SamplingSite site{tile.b, tile.g, tile.k, tile.p0 + q};
@@ -218,11 +226,12 @@ void offset_mask_grad(const DeformConvShape& s, int64_t n, const V* input, const
   });
 }
 
-// Input gradient of a chunk (adjoint of im2col). Threads own disjoint blocks of channel planes, so the
-// scatter needs no atomics and each plane is summed in the same order whatever the thread count.
+// Input gradient of a chunk (adjoint of im2col), added into grad_input. Threads own disjoint blocks of channel
+// planes, so the scatter needs no atomics and each plane is summed in the same order whatever the thread count.
 template <typename V>
-void col2im(const DeformConvShape& s, int64_t n, const V* offset, const V* mask, const V* grad_columns,
-            V* grad_input) {
+void col2im(const DeformConvShape& s, const ColumnChunk& chunk, const V* offset, const V* mask,
+            const V* grad_columns, V* grad_input) {
+  const int64_t n = chunk.images, pixel_end = chunk.pixel_begin + chunk.pixels;
   const int64_t cpg = s.channels_per_offset_group();
   if (cpg == 0) return;
   const int64_t wanted_units = 4 * at::get_num_threads();
@@ -240,11 +249,11 @@ void col2im(const DeformConvShape& s, int64_t n, const V* offset, const V* mask,
         const int64_t c_begin = g * cpg + blk * block_size;
         const int64_t c_end = std::min(c_begin + block_size, (g + 1) * cpg);
         for (int64_t k = 0; k < s.taps(); ++k) {
-          for (int64_t p0 = 0; p0 < s.pixels(); p0 += kTile) {
-            const Tile tile{b, g, k, p0, std::min(kTile, s.pixels() - p0)};
+          for (int64_t p0 = chunk.pixel_begin; p0 < pixel_end; p0 += kTile) {
+            const Tile tile{b, g, k, p0, std::min(kTile, pixel_end - p0)};
             plan->fill(s, tile, offset, mask, false);
             for (int64_t c = c_begin; c < c_end; ++c) {
-              plan->scatter(grad_columns + column_index(s, n, c, k, b, p0),
+              plan->scatter(grad_columns + column_index(s, chunk, c, k, b, p0),
                             grad_input + (b * s.channels + c) * s.plane());
             }
           }
@@ -254,47 +263,38 @@ void col2im(const DeformConvShape& s, int64_t n, const V* offset, const V* mask,
   });
 }
 
-// Column buffers, kept per thread and dtype between calls: a fresh buffer of tens of megabytes costs a page fault
-// per 4 KB on first touch, as much time as sampling into it. Each holds one chunk (at most kColumnBudget
-// elements, or one image when an image needs more).
-at::Tensor column_workspace(int64_t numel, const at::TensorOptions& options) {
-  thread_local at::Tensor buffers[2];
-  at::Tensor& buffer = buffers[options.dtype() == at::kDouble ? 1 : 0];
-  if (!buffer.defined() || buffer.numel() < numel) buffer = at::empty({numel}, options);
-  return buffer.narrow(0, 0, numel);
-}
-
 // The kernel class of deform_conv_driver.h on the CPU.
 struct CpuDeformConvKernels {
-  int64_t column_budget() const { return kColumnBudget; }
+  int64_t column_budget(const at::TensorOptions& options) const {
+    return kColumnBytes / static_cast<int64_t>(options.dtype().itemsize());
+  }
   at::Tensor workspace(int64_t numel, const at::TensorOptions& options) const {
-    return column_workspace(numel, options);
+    return column_workspaces().acquire(numel, options, kColumnBytes);
   }
 
-  void im2col(const DeformConvShape& s, int64_t n, const at::Tensor& input, const at::Tensor& offset,
+  void im2col(const DeformConvShape& s, const ColumnChunk& c, const at::Tensor& input, const at::Tensor& offset,
               const std::optional<at::Tensor>& mask, at::Tensor& columns) const {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
-      aecr::im2col<scalar_t>(s, n, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+      aecr::im2col<scalar_t>(s, c, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                              optional_data<scalar_t>(mask, 0), columns.data_ptr<scalar_t>());
     });
   }
 
-  void input_grad(const DeformConvShape& s, int64_t n, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
-                  const at::Tensor& grad_columns, at::Tensor grad_input) const {
+  void input_grad(const DeformConvShape& s, const ColumnChunk& c, const at::Tensor& offset,
+                  const std::optional<at::Tensor>& mask, const at::Tensor& grad_columns, at::Tensor grad_input) const {
     AT_DISPATCH_FLOATING_TYPES(offset.scalar_type(), "deform_conv2d_backward_cpu", [&] {
-      col2im<scalar_t>(s, n, offset.data_ptr<scalar_t>(), optional_data<scalar_t>(mask, 0),
+      col2im<scalar_t>(s, c, offset.data_ptr<scalar_t>(), optional_data<scalar_t>(mask, 0),
                        grad_columns.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>());
     });
   }
 
-  void offset_mask_grad(const DeformConvShape& s, int64_t n, const at::Tensor& input, const at::Tensor& offset,
-                        const std::optional<at::Tensor>& mask, at::Tensor& columns, at::Tensor grad_offset,
-                        const std::optional<at::Tensor>& grad_mask) const {
+  void offset_mask_grad(const DeformConvShape& s, const ColumnChunk& c, const at::Tensor& input,
+                        const at::Tensor& offset, const std::optional<at::Tensor>& mask, at::Tensor& columns,
+                        const std::optional<at::Tensor>& grad_offset, const std::optional<at::Tensor>& grad_mask) const {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
-      aecr::offset_mask_grad<scalar_t>(s, n, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
+      aecr::offset_mask_grad<scalar_t>(s, c, input.data_ptr<scalar_t>(), offset.data_ptr<scalar_t>(),
                                        optional_data<scalar_t>(mask, 0), columns.data_ptr<scalar_t>(),
-                                       grad_offset.data_ptr<scalar_t>(),
-                                       grad_mask.has_value() ? grad_mask->data_ptr<scalar_t>() : nullptr);
+                                       mutable_data<scalar_t>(grad_offset), mutable_data<scalar_t>(grad_mask));
     });
   }
 };
@@ -318,12 +318,13 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
     const std::optional<at::Tensor>& mask, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, int64_t offset_groups) {
+    int64_t groups, int64_t offset_groups, const c10::List<bool>& output_mask) {
   const DeformConvShape s = check_deform_conv(input, weight, offset, mask, std::nullopt, stride, padding, dilation,
                                               groups, offset_groups);
   check_cpu_dtype(input);
   check_grad_output(grad_output, input, s, weight.size(0));
-  return deform_conv2d_backward(CpuDeformConvKernels{}, s, grad_output, input, weight, offset, mask, groups);
+  return deform_conv2d_backward(CpuDeformConvKernels{}, s, grad_output, input, weight, offset, mask, groups,
+                                check_output_mask(output_mask, mask));
 }
 
 std::string deform_conv2d_path_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,

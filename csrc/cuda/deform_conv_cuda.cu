@@ -42,15 +42,16 @@ at::Tensor deform_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
     const std::optional<at::Tensor>& mask, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, int64_t offset_groups) {
+    int64_t groups, int64_t offset_groups, const c10::List<bool>& output_mask) {
   const DeformConvShape s = check_deform_conv(input, weight, offset, mask, std::nullopt, stride, padding, dilation,
                                               groups, offset_groups);
   check_grad_output(grad_output, input, s, weight.size(0));
+  const DeformConvGrads needed = check_output_mask(output_mask, mask);
   const c10::cuda::CUDAGuard guard(input.device());
   if (implicit_path_runs(input, weight, s, groups)) {
-    return deform_conv2d_backward_implicit(s, grad_output, input, weight, offset, mask, groups);
+    return deform_conv2d_backward_implicit(s, grad_output, input, weight, offset, mask, groups, needed);
   }
-  return deform_conv2d_backward(simple_path(), s, grad_output, input, weight, offset, mask, groups);
+  return deform_conv2d_backward(simple_path(), s, grad_output, input, weight, offset, mask, groups, needed);
 }
 
 // Which path deform_conv2d takes for these arguments now: "simple" or "implicit".

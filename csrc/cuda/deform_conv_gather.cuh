@@ -21,13 +21,14 @@ namespace {
 // cell), and the weight mask * bilinear weight. Corners of weight 0 (outside the plane among them) get a key
 // past every cell, so they sort last and belong to no cell.
 template <typename V>
-__global__ void __launch_bounds__(kThreads, 1) scatter_entries_kernel(DeformConvShape s, int64_t n, Global<const V> offset,
-                                                                   Global<const V> mask, Global<int64_t> keys,
+__global__ void __launch_bounds__(kThreads, 1) scatter_entries_kernel(DeformConvShape s, ColumnChunk chunk,
+                                                                   Global<const V> offset, Global<const V> mask,
+                                                                   Global<int64_t> keys,
                                                                    Global<at::opmath_type<V>> weights) {
   using T = at::opmath_type<V>;
-  const int64_t no_cell = n * s.offset_groups * s.plane();
-  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
-    const SamplingSite t = site_from_index(s, i);
+  const int64_t no_cell = chunk.images * s.offset_groups * s.plane();
+  AECR_GRID_STRIDE_LOOP(i, 0, chunk.sites(s)) {
+    const SamplingSite t = site_from_index(s, chunk, i);
     const BilinearPoint<T> p = site_point<T>(s, t, offset);
     const T m = site_mask<T>(s, t, mask);
 #pragma unroll
@@ -39,15 +40,17 @@ __global__ void __launch_bounds__(kThreads, 1) scatter_entries_kernel(DeformConv
   }
 }
 
-// Step 2 (after a stable sort of the keys): one thread per input cell sums its entries in sorted order.
+// Step 2 (after a stable sort of the keys): one thread per input cell sums its entries in sorted order and adds
+// the sum to the cell (an image cut in pixel chunks gets one sum per chunk, in chunk order).
 template <typename V>
-__global__ void __launch_bounds__(kThreads, 1) gather_entries_kernel(DeformConvShape s, int64_t n, Global<const int64_t> order,
+__global__ void __launch_bounds__(kThreads, 1) gather_entries_kernel(DeformConvShape s, ColumnChunk chunk,
+                                                                  Global<const int64_t> order,
                                                                   Global<const int64_t> cell_start,
                                                                   Global<const at::opmath_type<V>> weights,
                                                                   Global<const V> grad_columns, Global<V> grad_input) {
   using T = at::opmath_type<V>;
   const int64_t cpg = s.channels_per_offset_group();
-  AECR_GRID_STRIDE_LOOP(i, 0, n * s.channels * s.plane()) {
+  AECR_GRID_STRIDE_LOOP(i, 0, chunk.images * s.channels * s.plane()) {
     const int64_t cell = i % s.plane();
     const int64_t c = (i / s.plane()) % s.channels;
     const int64_t b = i / (s.plane() * s.channels);
@@ -55,31 +58,31 @@ __global__ void __launch_bounds__(kThreads, 1) gather_entries_kernel(DeformConvS
     T acc = T(0);
     for (int64_t e = cell_start[key]; e < cell_start[key + 1]; ++e) {
       const int64_t entry = order[e];
-      const SamplingSite t = site_from_index(s, entry / 4);
-      acc += static_cast<T>(weights[entry]) * static_cast<T>(grad_columns[column_index(s, n, c, t.k, t.b, t.pixel)]);
+      const SamplingSite t = site_from_index(s, chunk, entry / 4);
+      acc += static_cast<T>(weights[entry]) * static_cast<T>(grad_columns[column_index(s, chunk, c, t.k, t.b, t.pixel)]);
     }
-    grad_input[i] = static_cast<V>(acc);
+    if (cell_start[key] < cell_start[key + 1]) grad_input[i] = static_cast<V>(static_cast<T>(grad_input[i]) + acc);
   }
 }
 
-// grad_input (the chunk's n images, [n, C, H, W]) from the column gradient [C*K, n*P] of the same images;
-// offset and mask are the chunk's. `launch` as in cuda_launcher.cuh.
+// Adds into grad_input (the chunk's n images, [n, C, H, W]) the scatter of the chunk's column gradient
+// [C*K, width]; offset and mask are the chunk's images'. `launch` as in cuda_launcher.cuh.
 template <typename V, class L>
-void deterministic_input_grad(const L& launch, const DeformConvShape& s, int64_t n, const at::Tensor& offset,
-                              const std::optional<at::Tensor>& mask, const at::Tensor& grad_columns,
-                              at::Tensor grad_input) {
+void deterministic_input_grad(const L& launch, const DeformConvShape& s, const ColumnChunk& chunk,
+                              const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+                              const at::Tensor& grad_columns, at::Tensor grad_input) {
   using T = at::opmath_type<V>;
-  const int64_t sites = n * s.offset_groups * s.taps() * s.pixels();
+  const int64_t n = chunk.images, sites = chunk.sites(s);
   const auto index_options = grad_input.options().dtype(at::kLong);
   at::Tensor keys = at::empty({4 * sites}, index_options);
   at::Tensor weights = at::empty({4 * sites}, grad_input.options().dtype(c10::CppTypeToScalarType<T>::value));
-  launch(scatter_entries_kernel<V>, dim3(grid_for(sites)), dim3(kThreads), s, n, device_ptr<const V>(offset),
+  launch(scatter_entries_kernel<V>, dim3(grid_for(sites)), dim3(kThreads), s, chunk, device_ptr<const V>(offset),
          optional_ptr<const V>(mask), device_ptr<int64_t>(keys), device_ptr<T>(weights));
   const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor cells = at::arange(n * s.offset_groups * s.plane() + 1, index_options);
   const at::Tensor cell_start = at::searchsorted(std::get<0>(sorted), cells);
   const at::Tensor order = std::get<1>(sorted);
-  launch(gather_entries_kernel<V>, dim3(grid_for(grad_input.numel())), dim3(kThreads), s, n,
+  launch(gather_entries_kernel<V>, dim3(grid_for(grad_input.numel())), dim3(kThreads), s, chunk,
          device_ptr<const int64_t>(order), device_ptr<const int64_t>(cell_start), device_ptr<const T>(weights),
          device_ptr<const V>(grad_columns), device_ptr<V>(grad_input));
 }

@@ -63,10 +63,10 @@ at::Tensor deform_conv2d_implicit(const DeformConvShape& s, const at::Tensor& in
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_implicit(
     const DeformConvShape& s, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& offset, const std::optional<at::Tensor>& mask, int64_t groups) {
+    const at::Tensor& offset, const std::optional<at::Tensor>& mask, int64_t groups, const DeformConvGrads& needed) {
   const c10::cuda::CUDAGuard guard(input.device());
   return implicit_backward(CudaLauncher{}, s, grad_output, input, weight, offset, mask, groups,
-                           at::globalContext().deterministicAlgorithms());
+                           at::globalContext().deterministicAlgorithms(), needed);
 }
 
 }  // namespace aecr

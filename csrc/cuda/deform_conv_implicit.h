@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "aecr/deform_conv.h"
+#include "deform_conv_args.h"
 
 namespace aecr {
 
@@ -31,6 +32,6 @@ at::Tensor deform_conv2d_implicit(const DeformConvShape& s, const at::Tensor& in
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_implicit(
     const DeformConvShape& s, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& offset, const std::optional<at::Tensor>& mask, int64_t groups);
+    const at::Tensor& offset, const std::optional<at::Tensor>& mask, int64_t groups, const DeformConvGrads& needed);
 
 }  // namespace aecr

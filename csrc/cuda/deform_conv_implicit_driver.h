@@ -16,7 +16,7 @@
 namespace aecr {
 namespace {
 
-constexpr int64_t kImplicitColumnBudget = int64_t(1) << 28;  // deterministic input gradient: columns per chunk
+constexpr int64_t kImplicitColumnBudget = int64_t(1) << 28;  // deterministic input gradient: elements per chunk
 
 Geometry geometry_of(const DeformConvShape& s, const at::Tensor& input, const at::Tensor& weight, int64_t groups) {
   return Geometry{input.size(0) * s.pixels(), groups, s.channels / groups, weight.size(0) / groups};
@@ -81,60 +81,75 @@ at::Tensor implicit_forward(const L& launch, const DeformConvShape& s, const at:
   return output;
 }
 
-// Backward: (grad_input, grad_weight, grad_offset, grad_mask, grad_bias). `deterministic`: the input gradient
-// without atomics (everything else is deterministic anyway).
+// Backward: (grad_input, grad_weight, grad_offset, grad_mask, grad_bias), those in `needed` (the others empty, as
+// in deform_conv_driver.h). `deterministic`: the input gradient without atomics (everything else is
+// deterministic anyway), through a column-gradient buffer of at most `column_budget` elements a chunk.
 template <class L>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_backward(
     const L& launch, const DeformConvShape& s, const at::Tensor& grad_output_, const at::Tensor& input_,
     const at::Tensor& weight, const at::Tensor& offset_, const std::optional<at::Tensor>& mask_, int64_t groups,
-    bool deterministic) {
+    bool deterministic, const DeformConvGrads& needed, int64_t column_budget = kImplicitColumnBudget) {
   const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), grad_output = grad_output_.contiguous();
   const std::optional<at::Tensor> mask = contiguous(mask_);
   const Geometry q = geometry_of(s, input, weight, groups);
   const int64_t batch = input.size(0), K = s.taps(), P = s.pixels();
   const auto float_options = input.options().dtype(at::kFloat);
-  at::Tensor grad_input = at::zeros_like(input), grad_weight = at::zeros_like(weight);
-  at::Tensor grad_offset = at::zeros_like(offset);
-  at::Tensor grad_mask = mask.has_value() ? at::zeros_like(*mask) : at::empty({0}, input.options());
-  at::Tensor grad_bias =
-      grad_output.sum({0, 2, 3}, /*keepdim=*/false, at::toOpMathType(grad_output.scalar_type())).to(weight.scalar_type());
-  if (batch == 0 || grad_output.numel() == 0) return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+  const auto none = [&] { return at::empty({0}, input.options()); };  // a new one for each: outputs must not alias
+  at::Tensor grad_input = needed.input ? at::zeros_like(input) : none();
+  at::Tensor grad_weight = needed.weight ? at::zeros_like(weight) : none();
+  at::Tensor grad_offset = needed.offset ? at::zeros_like(offset) : none();
+  at::Tensor grad_mask = needed.mask ? at::zeros_like(*mask) : none();
+  const at::Tensor grad_bias =
+      needed.bias ? grad_output.sum({0, 2, 3}, /*keepdim=*/false, at::toOpMathType(grad_output.scalar_type()))
+                        .to(weight.scalar_type())
+                  : none();
+  if (batch == 0 || grad_output.numel() == 0 || !(needed.column_grad() || needed.weight)) {
+    return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+  }
 
   const int64_t n_chunks = channel_chunk_count(s, q);
   const at::Tensor x = channels_last_input(input), w = tap_major_weight(weight, groups, K);
-  at::Tensor partial = at::empty({n_chunks * K * 3 * q.columns}, float_options);
+  const at::Tensor partial =
+      needed.sampling() ? at::empty({n_chunks * K * 3 * q.columns}, float_options) : at::empty({0}, float_options);
+  const Global<float> partial_ptr = needed.sampling() ? device_ptr<float>(partial) : Global<float>(nullptr);
 
   dispatch_tensor_core_types(input.scalar_type(), [&](auto tag) {
     using V = decltype(tag);
-    const at::Tensor plan = sample_plan<V>(launch, s, batch, offset, mask);
 
     // Input side: input gradient, and per-chunk partial sums of the offset and mask gradients.
-    if (deterministic) {
-      const int64_t per_chunk = images_per_chunk(s, batch, kImplicitColumnBudget);
-      at::Tensor columns = at::empty({s.channels * K * per_chunk * P}, input.options());
-      for (int64_t b0 = 0; b0 < batch; b0 += per_chunk) {
-        const int64_t n = std::min(per_chunk, batch - b0);
-        const at::Tensor chunk_columns = columns.narrow(0, 0, s.channels * K * n * P);
-        launch(implicit_input_grad_kernel<V>, tiles(ceil_div(n * P, kTile), n_chunks * K), dim3(kBlockThreads), s, q,
-               b0 * P, (b0 + n) * P, device_ptr<const V>(x), device_ptr<const V>(offset), optional_ptr<const V>(mask),
-               device_ptr<const V>(w), device_ptr<const V>(grad_output), Global<float>(nullptr),
-               device_ptr<V>(chunk_columns), b0, n, device_ptr<float>(partial));
-        deterministic_input_grad<V>(launch, s, n, offset.narrow(0, b0, n), images(mask, b0, n), chunk_columns,
-                                    grad_input.narrow(0, b0, n));
-      }
-    } else {
-      at::Tensor acc = at::zeros({batch, s.height, s.width, s.channels}, float_options);
+    if (needed.column_grad() && deterministic && needed.input) {  // column-gradient chunks, as in the simple path
+      const ChunkPlan chunks = plan_chunks(s, batch, column_budget);
+      const at::Tensor columns = at::empty({s.channels * K * chunks.images * chunks.pixels}, input.options());
+      for_each_chunk(s, batch, chunks, [&](int64_t b0, const ColumnChunk& c) {
+        const at::Tensor chunk_columns = columns.narrow(0, 0, s.channels * K * c.width());
+        const int64_t n_begin = b0 * P + c.pixel_begin;
+        launch(implicit_input_grad_kernel<V>, tiles(ceil_div(c.width(), kTile), n_chunks * K), dim3(kBlockThreads), s,
+               q, n_begin, n_begin + c.width(), device_ptr<const V>(x), device_ptr<const V>(offset),
+               optional_ptr<const V>(mask), device_ptr<const V>(w), device_ptr<const V>(grad_output),
+               Global<float>(nullptr), device_ptr<V>(chunk_columns), b0, c, partial_ptr);
+        deterministic_input_grad<V>(launch, s, c, offset.narrow(0, b0, c.images), images(mask, b0, c.images),
+                                    chunk_columns, grad_input.narrow(0, b0, c.images));
+      });
+    } else if (needed.column_grad()) {
+      const at::Tensor acc = needed.input ? at::zeros({batch, s.height, s.width, s.channels}, float_options)
+                                          : at::empty({0}, float_options);
       launch(implicit_input_grad_kernel<V>, tiles(ceil_div(q.columns, kTile), n_chunks * K), dim3(kBlockThreads), s, q,
              int64_t(0), q.columns, device_ptr<const V>(x), device_ptr<const V>(offset), optional_ptr<const V>(mask),
-             device_ptr<const V>(w), device_ptr<const V>(grad_output), device_ptr<float>(acc), Global<V>(nullptr),
-             int64_t(0), batch, device_ptr<float>(partial));
-      grad_input.copy_(acc.permute({0, 3, 1, 2}));
+             device_ptr<const V>(w), device_ptr<const V>(grad_output),
+             needed.input ? device_ptr<float>(acc) : Global<float>(nullptr), Global<V>(nullptr), int64_t(0),
+             whole_images(s, batch), partial_ptr);
+      if (needed.input) grad_input.copy_(acc.permute({0, 3, 1, 2}));
     }
-    launch(implicit_offset_mask_grad_kernel<V>, dim3(grid_for(batch * s.offset_groups * K * P)), dim3(kThreads), s, q,
-           device_ptr<const float>(partial), optional_ptr<const V>(mask), device_ptr<V>(grad_offset),
-           mask ? device_ptr<V>(grad_mask) : Global<V>(nullptr));
+    if (needed.sampling()) {
+      launch(implicit_offset_mask_grad_kernel<V>, dim3(grid_for(batch * s.offset_groups * K * P)), dim3(kThreads), s,
+             q, device_ptr<const float>(partial), optional_ptr<const V>(mask),
+             needed.offset ? device_ptr<V>(grad_offset) : Global<V>(nullptr),
+             needed.mask ? device_ptr<V>(grad_mask) : Global<V>(nullptr));
+    }
+    if (!needed.weight) return;
 
     // Weight side: enough pixel splits to give every SM a few blocks, each split at least 8 K steps long.
+    const at::Tensor plan = sample_plan<V>(launch, s, batch, offset, mask);
     const int64_t out_tiles = n_chunks * K * ceil_div(q.out_per_group, kTile);
     const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({ceil_div(4 * launch.multiprocessors(), out_tiles),
                                                                     ceil_div(q.columns, 8 * kStep), 65535}));

@@ -320,7 +320,7 @@ template <typename V>
 __global__ void __launch_bounds__(kBlockThreads, 1) implicit_input_grad_kernel(
     DeformConvShape s, Geometry q, int64_t n_begin, int64_t n_end, Global<const V> input, Global<const V> offset,
     Global<const V> mask, Global<const V> weight, Global<const V> grad_output, Global<float> grad_input,
-    Global<V> columns, int64_t column_first_image, int64_t column_images, Global<float> partial) {
+    Global<V> columns, int64_t column_first_image, ColumnChunk column_chunk, Global<float> partial) {
 #ifdef AECR_TENSOR_CORES
   using M = Mma<V>;
   using S = typename M::Smem;
@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) implicit_input_grad_kernel(
   for (int nn = warp; nn < kTile; nn += kWarps) {
     const int64_t n = n0 + nn;
     if (n >= n_end) break;  // pixels only grow with nn
-    float sv = 0.f, sh = 0.f, sw = 0.f;
+    float sv = 0.f, sh = 0.f, sw = 0.f;  // (summed only for `partial`; null: offset and mask gradients not asked)
     const float m = pt_mask[nn];
     for (int mm = lane; mm < kTile; mm += 32) {
       const int64_t c = ch.begin + mm;
@@ -416,6 +416,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) implicit_input_grad_kernel(
         if (grad_input != nullptr && w != 0.f) atomicAdd(grad_input + at, m * w * gcol);
       }
     }
+    if (partial == nullptr) continue;  // the same for the whole block
 #pragma unroll
     for (int d = 16; d > 0; d /= 2) {
       sv += __shfl_xor_sync(0xffffffffu, sv, d);
@@ -434,7 +435,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) implicit_input_grad_kernel(
       const int mm = e / kTile, nn = e % kTile;
       const int64_t c = ch.begin + mm, n = n0 + nn;
       if (c < ch.end && n < n_end) {
-        columns[column_index(s, column_images, c, k, n / P - column_first_image, n % P)] = static_cast<V>(c_s[nn][mm]);
+        columns[column_index(s, column_chunk, c, k, n / P - column_first_image, n % P)] = static_cast<V>(c_s[nn][mm]);
       }
     }
   }

@@ -37,43 +37,41 @@ struct AtomicAdd {
 };
 
 template <typename V>
-__global__ void __launch_bounds__(kThreads, 1) im2col_kernel(DeformConvShape s, int64_t n, Global<const V> input,
-                                                          Global<const V> offset, Global<const V> mask,
-                                                          Global<V> columns) {
+__global__ void __launch_bounds__(kThreads, 1) im2col_kernel(DeformConvShape s, ColumnChunk chunk,
+                                                          Global<const V> input, Global<const V> offset,
+                                                          Global<const V> mask, Global<V> columns) {
   using T = at::opmath_type<V>;
-  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
-    const SamplingSite t = site_from_index(s, i);
-    im2col_site<T>(s, n, t, input + t.b * s.channels * s.plane(), offset, mask, columns);
+  AECR_GRID_STRIDE_LOOP(i, 0, chunk.sites(s)) {
+    const SamplingSite t = site_from_index(s, chunk, i);
+    im2col_site<T>(s, chunk, t, input + t.b * s.channels * s.plane(), offset, mask, columns);
   }
 }
 
-// Reads the column gradient from `columns` and leaves the columns there.
+// Reads the column gradient from `columns` and leaves the columns there. Either gradient may be null.
 template <typename V>
-__global__ void __launch_bounds__(kThreads, 1) offset_mask_grad_kernel(DeformConvShape s, int64_t n,
+__global__ void __launch_bounds__(kThreads, 1) offset_mask_grad_kernel(DeformConvShape s, ColumnChunk chunk,
                                                                     Global<const V> input, Global<const V> offset,
                                                                     Global<const V> mask, Global<V> columns,
                                                                     Global<V> grad_offset, Global<V> grad_mask) {
   using T = at::opmath_type<V>;
-  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
-    const SamplingSite t = site_from_index(s, i);
-    offset_mask_grad_site<T>(s, n, t, input + t.b * s.channels * s.plane(), offset, mask, columns, grad_offset,
+  AECR_GRID_STRIDE_LOOP(i, 0, chunk.sites(s)) {
+    const SamplingSite t = site_from_index(s, chunk, i);
+    offset_mask_grad_site<T>(s, chunk, t, input + t.b * s.channels * s.plane(), offset, mask, columns, grad_offset,
                              grad_mask);
   }
 }
 
 // Default input gradient: atomics into `grad_input` of the accumulation type A.
 template <typename V, typename A>
-__global__ void __launch_bounds__(kThreads, 1) col2im_atomic_kernel(DeformConvShape s, int64_t n, Global<const V> offset,
-                                                                 Global<const V> mask, Global<const V> grad_columns,
-                                                                 Global<A> grad_input) {
+__global__ void __launch_bounds__(kThreads, 1) col2im_atomic_kernel(DeformConvShape s, ColumnChunk chunk,
+                                                                 Global<const V> offset, Global<const V> mask,
+                                                                 Global<const V> grad_columns, Global<A> grad_input) {
   using T = at::opmath_type<V>;
-  AECR_GRID_STRIDE_LOOP(i, 0, n * s.offset_groups * s.taps() * s.pixels()) {
-    const SamplingSite t = site_from_index(s, i);
-    col2im_site<AtomicAdd, T>(s, n, t, offset, mask, grad_columns, grad_input + t.b * s.channels * s.plane());
+  AECR_GRID_STRIDE_LOOP(i, 0, chunk.sites(s)) {
+    const SamplingSite t = site_from_index(s, chunk, i);
+    col2im_site<AtomicAdd, T>(s, chunk, t, offset, mask, grad_columns, grad_input + t.b * s.channels * s.plane());
   }
 }
-
-inline int64_t sites_of(const DeformConvShape& s, int64_t n) { return n * s.offset_groups * s.taps() * s.pixels(); }
 
 // The kernel class of deform_conv_driver.h on CUDA. `deterministic`: the input gradient without atomics.
 template <class L>
@@ -82,45 +80,45 @@ struct GpuDeformConvKernels {
   bool deterministic = false;
   int64_t budget = kColumnBudget;
 
-  int64_t column_budget() const { return budget; }
+  int64_t column_budget(const at::TensorOptions&) const { return budget; }
   at::Tensor workspace(int64_t numel, const at::TensorOptions& options) const { return at::empty({numel}, options); }
 
-  void im2col(const DeformConvShape& s, int64_t n, const at::Tensor& input, const at::Tensor& offset,
+  void im2col(const DeformConvShape& s, const ColumnChunk& c, const at::Tensor& input, const at::Tensor& offset,
               const std::optional<at::Tensor>& mask, at::Tensor& columns) const {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_cuda", [&] {
-      launch(im2col_kernel<scalar_t>, dim3(grid_for(sites_of(s, n))), dim3(kThreads), s, n,
+      launch(im2col_kernel<scalar_t>, dim3(grid_for(c.sites(s))), dim3(kThreads), s, c,
              device_ptr<const scalar_t>(input), device_ptr<const scalar_t>(offset),
              optional_ptr<const scalar_t>(mask), device_ptr<scalar_t>(columns));
     });
   }
 
-  void input_grad(const DeformConvShape& s, int64_t n, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
-                  const at::Tensor& grad_columns, at::Tensor grad_input) const {
+  void input_grad(const DeformConvShape& s, const ColumnChunk& c, const at::Tensor& offset,
+                  const std::optional<at::Tensor>& mask, const at::Tensor& grad_columns, at::Tensor grad_input) const {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, offset.scalar_type(), "deform_conv2d_backward_cuda", [&] {
       using V = scalar_t;
       using T = at::opmath_type<V>;
       if (deterministic) {
-        deterministic_input_grad<V>(launch, s, n, offset, mask, grad_columns, grad_input);
+        deterministic_input_grad<V>(launch, s, c, offset, mask, grad_columns, grad_input);
         return;
       }
       // fp16 / bf16 planes are summed in fp32.
       at::Tensor acc = std::is_same<T, V>::value
                            ? grad_input
                            : at::zeros(grad_input.sizes(), grad_input.options().dtype(c10::CppTypeToScalarType<T>::value));
-      launch(col2im_atomic_kernel<V, T>, dim3(grid_for(sites_of(s, n))), dim3(kThreads), s, n,
+      launch(col2im_atomic_kernel<V, T>, dim3(grid_for(c.sites(s))), dim3(kThreads), s, c,
              device_ptr<const V>(offset), optional_ptr<const V>(mask), device_ptr<const V>(grad_columns),
              device_ptr<T>(acc));
-      if (!std::is_same<T, V>::value) grad_input.copy_(acc);
+      if (!std::is_same<T, V>::value) grad_input.add_(acc);  // the image's earlier pixel chunks are there
     });
   }
 
-  void offset_mask_grad(const DeformConvShape& s, int64_t n, const at::Tensor& input, const at::Tensor& offset,
-                        const std::optional<at::Tensor>& mask, at::Tensor& columns, at::Tensor grad_offset,
-                        const std::optional<at::Tensor>& grad_mask) const {
+  void offset_mask_grad(const DeformConvShape& s, const ColumnChunk& c, const at::Tensor& input,
+                        const at::Tensor& offset, const std::optional<at::Tensor>& mask, at::Tensor& columns,
+                        const std::optional<at::Tensor>& grad_offset, const std::optional<at::Tensor>& grad_mask) const {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_backward_cuda", [&] {
-      launch(offset_mask_grad_kernel<scalar_t>, dim3(grid_for(sites_of(s, n))), dim3(kThreads), s, n,
+      launch(offset_mask_grad_kernel<scalar_t>, dim3(grid_for(c.sites(s))), dim3(kThreads), s, c,
              device_ptr<const scalar_t>(input), device_ptr<const scalar_t>(offset),
-             optional_ptr<const scalar_t>(mask), device_ptr<scalar_t>(columns), device_ptr<scalar_t>(grad_offset),
+             optional_ptr<const scalar_t>(mask), device_ptr<scalar_t>(columns), optional_ptr<scalar_t>(grad_offset),
              optional_ptr<scalar_t>(grad_mask));
     });
   }

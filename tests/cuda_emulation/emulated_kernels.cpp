@@ -24,8 +24,10 @@ namespace {
 using SimplePath = aecr::GpuDeformConvKernels<EmulatedLauncher>;
 using FastDeconv = aecr::FastDeconvDriver<aecr::GpuFastDeconvKernels<EmulatedLauncher>>;
 
-// deform_conv2d as the CUDA op computes it: `path` "simple" (with a column budget of `column_budget` elements
-// per chunk) or "implicit".
+// deform_conv2d as the CUDA op computes it: `path` "simple" or "implicit", with a column budget of
+// `column_budget` elements a chunk (chunks of images, or of the pixels of one image below one image's columns;
+// the implicit path has columns only in its deterministic backward). The backward computes the gradients
+// `output_mask` asks for (input, weight, offset, mask, bias).
 at::Tensor dcn_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
                        std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
@@ -42,17 +44,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcn_backw
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
     const std::optional<at::Tensor>& mask, std::vector<int64_t> stride, std::vector<int64_t> padding,
     std::vector<int64_t> dilation, int64_t groups, int64_t offset_groups, const std::string& path, bool deterministic,
-    int64_t column_budget) {
+    int64_t column_budget, const std::vector<bool>& output_mask) {
   const aecr::DeformConvShape s = aecr::check_deform_conv(input, weight, offset, mask, std::nullopt, stride, padding,
                                                           dilation, groups, offset_groups);
   aecr::check_grad_output(grad_output, input, s, weight.size(0));
+  c10::List<bool> asked;
+  for (const bool b : output_mask) asked.push_back(b);
+  const aecr::DeformConvGrads needed = aecr::check_output_mask(asked, mask);
   if (path == "implicit") {
     return aecr::implicit_backward(EmulatedLauncher{}, s, grad_output, input, weight, offset, mask, groups,
-                                   deterministic);
+                                   deterministic, needed, column_budget);
   }
   TORCH_CHECK(path == "simple", "path must be \"simple\" or \"implicit\"");
   return aecr::deform_conv2d_backward(SimplePath{EmulatedLauncher{}, deterministic, column_budget}, s, grad_output,
-                                      input, weight, offset, mask, groups);
+                                      input, weight, offset, mask, groups, needed);
 }
 
 std::tuple<at::Tensor, at::Tensor> patch_statistics(const at::Tensor& input, std::vector<int64_t> kernel_size,

@@ -4,7 +4,8 @@
 //   input   [B, C, H, W]
 //   offset  [B, OG * 2 * K, Ho, Wo]   per offset group and tap k: dy then dx
 //   mask    [B, OG * K, Ho, Wo]       (absent: every mask value is 1)
-//   columns [C * K, n * Ho * Wo]      row c * K + k, column b * P + pixel, for a chunk of n images
+//   columns [C * K, n * Pc]           row c * K + k, column b * Pc + (pixel - p0), for a chunk (ColumnChunk) of
+//                                     n images and the Pc output pixels [p0, p0 + Pc) of each
 // with K = kh * kw taps and P = Ho * Wo output pixels.
 #pragma once
 
@@ -36,12 +37,40 @@ struct SamplingSite {
   int64_t b, g, k, pixel;
 };
 
+// A chunk of the column work: n images (the tensors narrowed to them), and of each the output pixels
+// [pixel_begin, pixel_begin + pixels). Whole images while their columns fit the budget; pixel ranges of one
+// image (n = 1) beyond, so that no buffer grows with the image.
+struct ColumnChunk {
+  int64_t images, pixel_begin, pixels;
+
+  AECR_HOST_DEVICE int64_t width() const { return images * pixels; }  // columns of the column matrix
+  AECR_HOST_DEVICE int64_t sites(const DeformConvShape& s) const { return images * s.offset_groups * s.taps() * pixels; }
+};
+
+// The chunk of n whole images.
+AECR_HOST_DEVICE AECR_INLINE ColumnChunk whole_images(const DeformConvShape& s, int64_t n) {
+  return ColumnChunk{n, 0, s.pixels()};
+}
+
 // Decomposes a flat site index over [n, OG, K, P] (P fastest, so neighbouring threads touch
 // neighbouring pixels).
 AECR_HOST_DEVICE AECR_INLINE SamplingSite site_from_index(const DeformConvShape& s, int64_t index) {
   SamplingSite site;
   site.pixel = index % s.pixels();
   index /= s.pixels();
+  site.k = index % s.taps();
+  index /= s.taps();
+  site.g = index % s.offset_groups;
+  site.b = index / s.offset_groups;
+  return site;
+}
+
+// The same over a chunk's sites [n, OG, K, Pc].
+AECR_HOST_DEVICE AECR_INLINE SamplingSite site_from_index(const DeformConvShape& s, const ColumnChunk& chunk,
+                                                          int64_t index) {
+  SamplingSite site;
+  site.pixel = chunk.pixel_begin + index % chunk.pixels;
+  index /= chunk.pixels;
   site.k = index % s.taps();
   index /= s.taps();
   site.g = index % s.offset_groups;
@@ -84,10 +113,11 @@ AECR_HOST_DEVICE AECR_INLINE BilinearPoint<T> site_point(const DeformConvShape& 
   return bilinear_point<T>(h, w, s.height, s.width);
 }
 
-// Column row of channel c (absolute channel index) and tap k; column of (chunk image b, pixel).
+// Column row of channel c (absolute channel index) and tap k; column of (chunk image b, pixel) for a pixel of
+// the chunk.
 AECR_HOST_DEVICE AECR_INLINE int64_t column_index(
-    const DeformConvShape& s, int64_t n_images, int64_t c, int64_t k, int64_t b, int64_t pixel) {
-  return (c * s.taps() + k) * (n_images * s.pixels()) + b * s.pixels() + pixel;
+    const DeformConvShape& s, const ColumnChunk& chunk, int64_t c, int64_t k, int64_t b, int64_t pixel) {
+  return (c * s.taps() + k) * chunk.width() + b * chunk.pixels + (pixel - chunk.pixel_begin);
 }
 
 // ---- Pieces shared by the CPU loops and the CUDA kernels --------------------------------------------
@@ -117,15 +147,17 @@ AECR_HOST_DEVICE AECR_INLINE T accumulate_site_grad(
   return v;
 }
 
-// grad_dy = mask * sums.h, grad_dx = mask * sums.w, grad_mask = sums.value (when there is a mask).
+// grad_dy = mask * sums.h, grad_dx = mask * sums.w, grad_mask = sums.value; either output may be null.
 template <typename T, typename Out>
 AECR_HOST_DEVICE AECR_INLINE void store_site_grad(
     const DeformConvShape& s, const SamplingSite& t, T mask, const SiteGradSums<T>& sums, Out grad_offset,
     Out grad_mask) {
   using V = pointee_t<Out>;
-  const int64_t o = offset_index(s, t);
-  grad_offset[o] = static_cast<V>(mask * sums.h);
-  grad_offset[o + s.pixels()] = static_cast<V>(mask * sums.w);
+  if (grad_offset != nullptr) {  // null: not asked for (the mask gradient alone)
+    const int64_t o = offset_index(s, t);
+    grad_offset[o] = static_cast<V>(mask * sums.h);
+    grad_offset[o + s.pixels()] = static_cast<V>(mask * sums.w);
+  }
   if (grad_mask != nullptr) grad_mask[mask_index(s, t)] = static_cast<V>(sums.value);
 }
 
@@ -135,12 +167,12 @@ AECR_HOST_DEVICE AECR_INLINE void store_site_grad(
 // `image` points at image b of the chunk; offset and mask at the chunk's first image.
 template <typename T, typename In, typename Out>
 AECR_HOST_DEVICE AECR_INLINE void im2col_site(
-    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, In image, In offset, In mask, Out columns) {
+    const DeformConvShape& s, const ColumnChunk& chunk, const SamplingSite& t, In image, In offset, In mask, Out columns) {
   const BilinearPoint<T> p = site_point<T>(s, t, offset);
   const T m = site_mask<T>(s, t, mask);
   const int64_t cpg = s.channels_per_offset_group();
   for (int64_t c = t.g * cpg; c < (t.g + 1) * cpg; ++c) {
-    columns[column_index(s, n_images, c, t.k, t.b, t.pixel)] =
+    columns[column_index(s, chunk, c, t.k, t.b, t.pixel)] =
         static_cast<pointee_t<Out>>(column_value<T>(p, m, image + c * s.plane()));
   }
 }
@@ -149,7 +181,7 @@ AECR_HOST_DEVICE AECR_INLINE void im2col_site(
 // by entry, by the columns themselves (what the weight gradient needs).
 template <typename T, typename In, typename Out>
 AECR_HOST_DEVICE AECR_INLINE void offset_mask_grad_site(
-    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, In image, In offset, In mask, Out columns,
+    const DeformConvShape& s, const ColumnChunk& chunk, const SamplingSite& t, In image, In offset, In mask, Out columns,
     Out grad_offset, Out grad_mask) {
   using V = pointee_t<Out>;
   const BilinearPoint<T> p = site_point<T>(s, t, offset);
@@ -157,7 +189,7 @@ AECR_HOST_DEVICE AECR_INLINE void offset_mask_grad_site(
   SiteGradSums<T> sums{T(0), T(0), T(0)};
   const int64_t cpg = s.channels_per_offset_group();
   for (int64_t c = t.g * cpg; c < (t.g + 1) * cpg; ++c) {
-    const int64_t at = column_index(s, n_images, c, t.k, t.b, t.pixel);
+    const int64_t at = column_index(s, chunk, c, t.k, t.b, t.pixel);
     const T v = accumulate_site_grad<T>(p, image + c * s.plane(), static_cast<T>(columns[at]), sums);
     columns[at] = static_cast<V>(m * v);
   }
@@ -168,13 +200,13 @@ AECR_HOST_DEVICE AECR_INLINE void offset_mask_grad_site(
 // input-gradient plane. `grad_image` (of the accumulation type) points at image b.
 template <typename Add, typename T, typename In, typename Acc>
 AECR_HOST_DEVICE AECR_INLINE void col2im_site(
-    const DeformConvShape& s, int64_t n_images, const SamplingSite& t, In offset, In mask, In grad_columns,
+    const DeformConvShape& s, const ColumnChunk& chunk, const SamplingSite& t, In offset, In mask, In grad_columns,
     Acc grad_image) {
   const BilinearPoint<T> p = site_point<T>(s, t, offset);
   const T m = site_mask<T>(s, t, mask);
   const int64_t cpg = s.channels_per_offset_group();
   for (int64_t c = t.g * cpg; c < (t.g + 1) * cpg; ++c) {
-    const T g = static_cast<T>(grad_columns[column_index(s, n_images, c, t.k, t.b, t.pixel)]);
+    const T g = static_cast<T>(grad_columns[column_index(s, chunk, c, t.k, t.b, t.pixel)]);
     bilinear_scatter<Add, T>(p, grad_image + c * s.plane(), m * g);
   }
 }

@@ -27,6 +27,7 @@ namespace aecr {
 namespace {
 
 constexpr int64_t kTile = 128;
+constexpr int64_t kMinChannelBlock = 4;  // fewer planes in cache: all channels per tile (channel_block)
 constexpr int64_t kColumnBytes = int64_t(64) << 20;  // the column buffer of one chunk, whatever the image size
 
 struct Tile {
@@ -154,10 +155,13 @@ void with_index_type(const DeformConvShape& s, const Fn& fn) {
 }
 
 // Channels whose planes are worked on together, so that they stay in cache while every tile of sites is
-// sampled from them (a tile loop inside a loop over all channels would stream the whole image per tile).
+// sampled from them (a tile loop inside a loop over all channels would stream the whole image per tile). A
+// tile's bilinear points are computed again for every block: where only a few planes fit (large images), all
+// the channels go in one block instead, and each tile reads just the rows around its sites from each plane.
 template <typename V>
 int64_t channel_block(const DeformConvShape& s) {
-  return std::max<int64_t>(1, (int64_t(256) << 10) / std::max<int64_t>(1, s.plane() * int64_t(sizeof(V))));
+  const int64_t fit = (int64_t(256) << 10) / std::max<int64_t>(1, s.plane() * int64_t(sizeof(V)));
+  return fit >= kMinChannelBlock ? fit : s.channels_per_offset_group();
 }
 
 // Calls body(tile index, tile) for the tiles [begin, end) once per block of channels of each tile's offset group,

@@ -20,6 +20,24 @@ from . import _checks
 from .deform_conv import deform_conv2d
 
 
+def _conv_parameters(module: nn.Module, name: str, in_channels: int, out_channels: int, kernel_size, stride,
+                     padding, dilation, groups: int, bias: bool) -> None:
+    """The attributes every module here shares (channel counts, (h, w) pairs, groups) and its uninitialised
+    parameters: ``weight`` [out, in/groups, kh, kw] and ``bias`` [out] (registered as None without a bias)."""
+    module.in_channels = in_channels
+    module.out_channels = out_channels
+    module.kernel_size = _checks.pair(kernel_size, "kernel_size", 1, name)
+    module.stride = _checks.pair(stride, "stride", 1, name)
+    module.padding = _checks.pair(padding, "padding", 0, name)
+    module.dilation = _checks.pair(dilation, "dilation", 1, name)
+    module.groups = groups
+    module.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *module.kernel_size))
+    if bias:
+        module.bias = nn.Parameter(torch.empty(out_channels))
+    else:
+        module.register_parameter("bias", None)
+
+
 class ModulatedDeformConv2d(nn.Module):
     """Modulated deformable convolution with its own weight and bias; offset and mask are inputs.
 
@@ -50,16 +68,8 @@ class ModulatedDeformConv2d(nn.Module):
         if in_channels % deformable_groups:
             raise _checks.ArgumentError(
                 f"{name}: `deformable_groups`={deformable_groups} must divide in_channels={in_channels}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _checks.pair(kernel_size, "kernel_size", 1, name)
-        self.stride = _checks.pair(stride, "stride", 1, name)
-        self.padding = _checks.pair(padding, "padding", 0, name)
-        self.dilation = _checks.pair(dilation, "dilation", 1, name)
-        self.groups = groups
+        _conv_parameters(self, name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.deformable_groups = deformable_groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -174,18 +184,7 @@ class DeformConv2d(nn.Module):
         name = type(self).__name__
         _check_counts(name, in_channels=in_channels, out_channels=out_channels, groups=groups)
         _check_groups(name, in_channels, out_channels, groups)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _checks.pair(kernel_size, "kernel_size", 1, name)
-        self.stride = _checks.pair(stride, "stride", 1, name)
-        self.padding = _checks.pair(padding, "padding", 0, name)
-        self.dilation = _checks.pair(dilation, "dilation", 1, name)
-        self.groups = groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
+        _conv_parameters(self, name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -290,21 +289,11 @@ class MMCVModulatedDeformConv2d(nn.Module):
                 f"{name}: `deform_groups`={deform_groups} must divide in_channels={in_channels}")
         if isinstance(bias, str) and bias != "auto":
             raise _checks.ArgumentError(f"{name}: `bias` must be a bool or 'auto', got {bias!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _checks.pair(kernel_size, "kernel_size", 1, name)
-        self.stride = _checks.pair(stride, "stride", 1, name)
-        self.padding = _checks.pair(padding, "padding", 0, name)
-        self.dilation = _checks.pair(dilation, "dilation", 1, name)
-        self.groups = groups
+        _conv_parameters(self, name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bool(bias))
         self.deform_groups = deform_groups
         self.transposed = False
         self.output_padding = (0,)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
         self.init_weights()
 
     def init_weights(self) -> None:

@@ -1,11 +1,19 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 import torch
 
 # cuBLAS is deterministic only with a fixed workspace; set before CUDA starts (deterministic-mode tests).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# torch.compile's on-disk cache can hand back a graph compiled against another build of the ops (another schema,
+# same op names): the tests compile into a cache of their own, removed at exit.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="aecr-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -102,9 +102,12 @@ def test_emulated_simple_path_matches_float64_reference(emulated, name, dtype):
     tensors, geometry = problem(case, dtype)
     x, o, w, b, m = tensors
     out_exact, grad, grads_exact = exact(case, tensors)
-    # Columns of several images in one chunk (GEMM into a buffer, then transposed), one image per chunk, and
-    # pixel ranges of one image per chunk.
-    for budget in (BIG_BUDGET, one_image_budget(case), pixel_chunk_budget(case)):
+    # Columns of several images in one chunk (GEMM into a buffer, then transposed); and, in float32 and in float16
+    # (whose input gradient is summed in a float32 buffer and then added), one image per chunk and pixel ranges of
+    # one image per chunk. (The chunking does not depend on the dtype otherwise; fewer runs keep CI short.)
+    chunked = dtype in (torch.float32, torch.float16)
+    small_budgets = (one_image_budget(case), pixel_chunk_budget(case)) if chunked else ()
+    for budget in (BIG_BUDGET,) + small_budgets:
         out = emulated.dcn_forward(x, w, o, m, b, *geometry, "simple", budget)
         assert_close_in_precision(out, out_exact, dtype, SIMPLE_ROUNDOFF, f"output (budget {budget})", factor=64)
         for deterministic in (False, True):
@@ -259,7 +262,7 @@ OUTPUT_MASKS = [(True, False, False, False, False), (False, True, False, False, 
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("path", ["simple", "implicit"])
-@pytest.mark.parametrize("name", ["3x3_pad1_mask", "both_groups"])
+@pytest.mark.parametrize("name", ["both_groups"])
 def test_emulated_backward_computes_only_the_gradients_asked_for(emulated, name, path, deterministic):
     case = IMPLICIT_CASES[name]
     (x, o, w, b, m), geometry = problem(case, torch.float32, seed=6)

@@ -4,17 +4,14 @@ import pytest
 import torch
 
 import aecr_ops
-from aecr_model import AECRNet, load_checkpoint
+from aecr_model import load_checkpoint
 from aecr_model.checkpoint import CheckpointError, normalise_state_dict
+
+import test_model_checkpoint
 
 
 def random_model(**kwargs):
-    torch.manual_seed(1)
-    model = AECRNet(**kwargs)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    return model.eval()
+    return test_model_checkpoint.random_model(**kwargs).eval()
 
 
 def mmcv_flavoured(model):

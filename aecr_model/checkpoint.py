@@ -1,4 +1,5 @@
-"""Checkpoints: this project's (written atomically), official AECR-Net files, and plain state dicts."""
+"""Checkpoints: this project's (written atomically, recording the architecture), official AECR-Net and FFA-Net
+files, and plain state dicts."""
 import os
 import re
 import tempfile
@@ -6,7 +7,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .network import AECRNet, config_from_state_dict
+from torch import nn
+
+from .architectures import arch_of, build_model, check_arch, infer_from_state_dict
 
 FORMAT = "aecr-net-checkpoint"
 FORMAT_VERSION = 1
@@ -26,7 +29,7 @@ _MMCV_DCN_KEYS = (re.compile(r"^(.*\.)?dcn\.conv_offset\.(weight|bias)$"),
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or is not an AECR-Net checkpoint."""
+    """A checkpoint file that cannot be read or holds none of this package's networks."""
 
 
 def save_atomic(obj: Any, path: str) -> None:
@@ -47,10 +50,11 @@ def save_atomic(obj: Any, path: str) -> None:
         raise
 
 
-def save_checkpoint(path: str, model: AECRNet, **training_state: Any) -> None:
-    """Writes `model` (and any training state: optimizer, step, metrics, ...) to `path` atomically."""
+def save_checkpoint(path: str, model: nn.Module, **training_state: Any) -> None:
+    """Writes `model` (with its architecture and constructor arguments, and any training state: optimizer,
+    step, metrics, ...) to `path` atomically."""
     model = getattr(model, "module", model)  # DistributedDataParallel
-    save_atomic({"format": FORMAT, "version": FORMAT_VERSION, "config": dict(model.config),
+    save_atomic({"format": FORMAT, "version": FORMAT_VERSION, "arch": arch_of(model), "config": dict(model.config),
                  "model": model.state_dict(), **training_state}, path)
 
 
@@ -110,8 +114,14 @@ def normalise_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     return renamed
 
 
-def read_checkpoint(path: str, map_location=None) -> Dict[str, Any]:
-    """The checkpoint as a dict with at least "model" (a normalised state dict) and "config"."""
+def read_checkpoint(path: str, map_location=None, arch: Optional[str] = None) -> Dict[str, Any]:
+    """The checkpoint as a dict with at least "model" (a normalised state dict), "arch" and "config".
+
+    The architecture is the one the file records; files that record none (official releases, plain state
+    dicts) are recognised by their keys, or taken as `arch` when given. An `arch` that contradicts the file's
+    record is refused."""
+    if arch is not None:
+        check_arch(arch)
     obj = _torch_load(path, map_location)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint or a state dict")
@@ -123,23 +133,44 @@ def read_checkpoint(path: str, map_location=None) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is neither a checkpoint (a dict with 'model') nor a state dict; keys: "
                               f"{sorted(obj)[:8]}")
     ckpt["model"] = normalise_state_dict(ckpt["model"])
+    recorded = ckpt.get("arch")
+    if recorded is not None and recorded not in _known_archs():
+        raise CheckpointError(f"{path} records the architecture {recorded!r}, which this version does not know "
+                              f"({', '.join(_known_archs())})")
+    if recorded is not None and arch is not None and arch != recorded:
+        raise CheckpointError(f"{path} holds a {recorded!r} network, not {arch!r} (leave out the architecture: "
+                              f"the file names its own)")
     try:
-        inferred = config_from_state_dict(ckpt["model"])
+        inferred_arch, inferred = infer_from_state_dict(ckpt["model"])
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from None
+    if recorded is None and arch is not None and arch != inferred_arch:
+        raise CheckpointError(f"{path} holds, by its keys, a {inferred_arch!r} network, not {arch!r}")
+    ckpt["arch"] = recorded or inferred_arch
     ckpt["config"] = {**inferred, **ckpt.get("config", {})}
     return ckpt
 
 
-def load_checkpoint(path: str, map_location: Optional[Any] = None) -> AECRNet:
-    """Loads an AECRNet from this project's checkpoints, official AECR-Net files (the state dict under
-    "model", `module.` prefixes, `mix4`/`mix5` names), AECR-Net files whose DCN layers were mmcv's
-    ModulatedDeformConv2dPack (`dcn.conv_offset` keys) or a plain state dict. Returns it in eval mode."""
-    ckpt = read_checkpoint(path, map_location)
-    model = AECRNet(**ckpt["config"])
+def _known_archs():
+    from .architectures import ARCHITECTURES
+    return tuple(ARCHITECTURES)
+
+
+def load_checkpoint(path: str, map_location: Optional[Any] = None, arch: Optional[str] = None) -> nn.Module:
+    """Loads the network of this project's checkpoints (of any architecture in ARCHITECTURES), official
+    AECR-Net files (the state dict under "model", `module.` prefixes, `mix4`/`mix5` names), AECR-Net files whose
+    DCN layers were mmcv's ModulatedDeformConv2dPack (`dcn.conv_offset` keys), official FFA-Net files
+    (`its_train_ffa_3_19.pk`: the DataParallel state dict under "model") or a plain state dict. `arch` names
+    the architecture of a file that does not record it (it is otherwise recognised by its keys). Returns the
+    model in eval mode."""
+    ckpt = read_checkpoint(path, map_location, arch)
+    try:
+        model = build_model(ckpt["arch"], **ckpt["config"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: cannot build its {ckpt['arch']!r} network: {error}") from None
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit AECRNet({_describe(ckpt['config'])}): missing keys "
+        raise CheckpointError(f"{path} does not fit {ckpt['arch']} ({_describe(ckpt['config'])}): missing keys "
                               f"{missing[:6]}, unexpected keys {unexpected[:6]}")
     if map_location is not None:
         model.to(_device_of(map_location))

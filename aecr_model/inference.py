@@ -1,4 +1,4 @@
-"""Dehazing images of any size with a trained AECRNet."""
+"""Dehazing images of any size with a trained network (AECR-Net, FFA-Net, ...)."""
 import os
 from typing import Iterable, List, Optional
 
@@ -25,7 +25,7 @@ def pad_to_multiple(x: Tensor, multiple: int = 4) -> Tensor:
 def dehaze_tensor(model: nn.Module, hazy: Tensor, autocast_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Dehazes [B, 3, H, W] (any H, W) in [0, 1]; returns [B, 3, H, W] clamped to [0, 1]."""
     h, w = hazy.shape[-2:]
-    x = pad_to_multiple(hazy)
+    x = pad_to_multiple(hazy, getattr(model, "size_multiple", 1))
     if autocast_dtype is not None:
         with torch.autocast(x.device.type, dtype=autocast_dtype):
             out = model(x)

@@ -77,6 +77,13 @@ class Mix(nn.Module):
         return a * f + b * (1 - f)
 
 
+class SkipAdd(nn.Module):
+    """The plain skip connection that adaptive mixup replaces (ablation): a + b."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return a + b
+
+
 class AECRNet(nn.Module):
     """AECR-Net: FastDeconv whitening, a 4x down-sampling encoder, six FA blocks, two DCN layers, two adaptive
     mixups with the encoder and a 4x up-sampling decoder ending in tanh.
@@ -87,21 +94,32 @@ class AECRNet(nn.Module):
         share_weights: True (the official network, 2,614,229 parameters): ONE FA block applied six times and ONE
             DCN applied twice. False: six FA blocks and two DCNs of their own (9,291,994 parameters), the reading
             of the paper's text.
+        fastdeconv, dcn, mixup: the parts the paper's ablation removes, all True in AECR-Net. fastdeconv=False
+            feeds the image straight to the encoder (no `deconv.*` weights); dcn=False drops the DCN layers (the
+            FA blocks feed the decoder); mixup=False replaces both adaptive mixups by plain additions a + b (no
+            `mix1.w`, `mix2.w`).
 
     Shapes: ``forward(x [B, C_in, H, W]) -> [B, C_out, H, W]`` with H and W multiples of 4; x in [0, 1]; the
     output is in [-1, 1] (tanh) and is clamped to [0, 1] for metrics and saving (see aecr_model.inference,
     which also pads other sizes).
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, share_weights: bool = True):
+    size_multiple = 4  # the encoder halves the image twice
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64, share_weights: bool = True,
+                 fastdeconv: bool = True, dcn: bool = True, mixup: bool = True):
         super().__init__()
         for value, name in ((in_channels, "in_channels"), (out_channels, "out_channels"), (ngf, "ngf")):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"AECRNet: `{name}` must be a positive int, got {value!r}")
         if ngf % 2:
             raise ValueError(f"AECRNet: `ngf` must be even (attention layers use ngf*4/8 channels), got {ngf}")
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, ngf=ngf,
-                           share_weights=bool(share_weights))
+        for value, name in ((share_weights, "share_weights"), (fastdeconv, "fastdeconv"), (dcn, "dcn"),
+                            (mixup, "mixup")):
+            if not isinstance(value, bool):
+                raise ValueError(f"AECRNet: `{name}` must be True or False, got {value!r}")
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, ngf=ngf, share_weights=share_weights,
+                           fastdeconv=fastdeconv, dcn=dcn, mixup=mixup)
         width = ngf * 4
         self.down1 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, kernel_size=7, padding=0),
                                    nn.ReLU(True))
@@ -109,19 +127,22 @@ class AECRNet(nn.Module):
         self.down3 = nn.Sequential(nn.Conv2d(ngf * 2, width, kernel_size=3, stride=2, padding=1), nn.ReLU(True))
         if share_weights:
             self.block = FABlock(width, 3)
-            self.dcn_block = DCNBlock(width, width)
+            if dcn:
+                self.dcn_block = DCNBlock(width, width)
         else:
             self.blocks = nn.ModuleList(FABlock(width, 3) for _ in range(6))
-            self.dcn_blocks = nn.ModuleList(DCNBlock(width, width) for _ in range(2))
+            if dcn:
+                self.dcn_blocks = nn.ModuleList(DCNBlock(width, width) for _ in range(2))
         self.up1 = nn.Sequential(
             nn.ConvTranspose2d(width, ngf * 2, kernel_size=3, stride=2, padding=1, output_padding=1), nn.ReLU(True))
         self.up2 = nn.Sequential(
             nn.ConvTranspose2d(ngf * 2, ngf, kernel_size=3, stride=2, padding=1, output_padding=1), nn.ReLU(True))
         self.up3 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_channels, kernel_size=7, padding=0),
                                  nn.Tanh())
-        self.deconv = aecr_ops.FastDeconv(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
-        self.mix1 = Mix(m=-1)
-        self.mix2 = Mix(m=-0.6)
+        self.deconv = (aecr_ops.FastDeconv(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+                       if fastdeconv else nn.Identity())
+        self.mix1 = Mix(m=-1) if mixup else SkipAdd()
+        self.mix2 = Mix(m=-0.6) if mixup else SkipAdd()
 
     @property
     def share_weights(self) -> bool:
@@ -131,6 +152,8 @@ class AECRNet(nn.Module):
         return [self.block] * 6 if self.share_weights else list(self.blocks)
 
     def dcn_layers(self):
+        if not self.config["dcn"]:
+            return []
         return [self.dcn_block] * 2 if self.share_weights else list(self.dcn_blocks)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -159,11 +182,13 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def config_from_state_dict(state: Dict[str, Tensor]) -> dict:
-    """The AECRNet constructor arguments that a (normalised) state dict was made with."""
+    """The AECRNet constructor arguments that a (normalised) state dict was made with (the ablated parts are
+    the ones whose weights are absent)."""
     try:
         down1 = state["down1.1.weight"]
         up3 = state["up3.1.weight"]
     except KeyError as missing:
         raise ValueError(f"not an AECR-Net state dict: no {missing} key") from None
     return dict(in_channels=down1.shape[1], out_channels=up3.shape[0], ngf=down1.shape[0],
-                share_weights="block.conv1.weight" in state)
+                share_weights="block.conv1.weight" in state, fastdeconv="deconv.weight" in state,
+                dcn=any(".dcn." in key for key in state), mixup="mix1.w" in state)

@@ -1,4 +1,4 @@
-"""AECR-Net as a standard ONNX model, and dehazing with ONNX Runtime (no compiled code of this project needed).
+"""AECR-Net (or any network of ARCHITECTURES) as a standard ONNX model, and dehazing with ONNX Runtime (no compiled code of this project needed).
 
 Export uses PyTorch's current exporter (torch.onnx.export(..., dynamo=True)) with aecr_ops' translation of the
 DCN op to ONNX DeformConv (opset >= 19); FastDeconv exports as the plain convolution it is in eval mode. Batch,
@@ -36,9 +36,15 @@ def export_onnx(model: torch.nn.Module, path: str, opset: int = 19, example_size
     onnx = _require("onnx")
     _require("onnxscript")
     model = model.eval().cpu()
-    example = torch.rand(1, model.config["in_channels"] if hasattr(model, "config") else 3, *example_size)
-    quarter_h, quarter_w = torch.export.Dim("quarter_height", min=2), torch.export.Dim("quarter_width", min=2)
-    dynamic = {"x": {0: torch.export.Dim("batch", min=1), 2: 4 * quarter_h, 3: 4 * quarter_w}}
+    example = torch.rand(1, getattr(model, "config", {}).get("in_channels", 3), *example_size)
+    # Height and width: multiples of what the network needs (4 for AECR-Net, which halves them twice).
+    multiple = getattr(model, "size_multiple", 1)
+    if multiple > 1:
+        height = multiple * torch.export.Dim("height_units", min=2)
+        width = multiple * torch.export.Dim("width_units", min=2)
+    else:
+        height, width = torch.export.Dim("height", min=2), torch.export.Dim("width", min=2)
+    dynamic = {"x": {0: torch.export.Dim("batch", min=1), 2: height, 3: width}}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with torch.no_grad():

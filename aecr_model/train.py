@@ -1,4 +1,5 @@
-"""Training of AECR-Net: L1 + beta * contrastive regularisation, Adam with per-step cosine decay.
+"""Training of AECR-Net (or any network of architectures.ARCHITECTURES: FFA-Net, the ablations): L1 + beta *
+contrastive regularisation, Adam with per-step cosine decay.
 
 Every batch is a pure function of (seed, step) (see data.TrainBatches) and every checkpoint holds the model,
 the optimizer, the FastDeconv counters and the step, so a run resumed from last.pt continues exactly: on the CPU
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from .checkpoint import read_checkpoint, save_atomic, save_checkpoint
 from .data import PairedImages, TrainBatches
 from .evaluate import evaluate, method_fn
+from .architectures import build_model, check_arch
 from .losses import ContrastiveRegularization
-from .network import AECRNet
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -47,11 +48,13 @@ class TrainConfig:
     stop_after: Optional[int] = None
     workers: int = 0
     precision: str = "auto"
-    share_weights: bool = True
+    arch: str = "aecr"
+    model_options: Dict[str, Any] = dataclasses.field(default_factory=dict)  # to build_model, e.g. {"ngf": 32}
     cache_images: bool = False
     progress: bool = True
 
     def check(self) -> None:
+        check_arch(self.arch, "arch")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "crop": self.crop, "log_every": self.log_every}
         for name, value in positive.items():
             if value < 1:
@@ -174,14 +177,14 @@ def train(config: TrainConfig, echo=print) -> Dict[str, Any]:
     last_path, best_path = os.path.join(config.out, "last.pt"), os.path.join(config.out, "best.pt")
 
     torch.manual_seed(config.seed)
-    model = AECRNet(share_weights=config.share_weights)
+    model = build_model(config.arch, **config.model_options)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
     state = {"step": 0, "losses": [], "evals": [], "best_psnr": None, "best_ssim": None, "best_step": None}
     if config.resume:
         ckpt = read_checkpoint(config.resume, map_location="cpu")
-        if ckpt["config"].get("share_weights", True) != config.share_weights:
-            raise ValueError(f"train: {config.resume} was trained with share_weights="
-                             f"{ckpt['config'].get('share_weights')}")
+        if ckpt["arch"] != config.arch or {**model.config, **ckpt["config"]} != model.config:
+            raise ValueError(f"train: {config.resume} holds a {ckpt['arch']} network ({ckpt['config']}), not the "
+                             f"{config.arch} ({model.config}) asked for")
         model.load_state_dict(ckpt["model"])
         if "optimizer" in ckpt and ckpt["optimizer"]:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -219,7 +222,8 @@ def train(config: TrainConfig, echo=print) -> Dict[str, Any]:
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=sample_steps,
                                          num_workers=config.workers, pin_memory=device.startswith("cuda"))
     if dist.main:
-        log(f"training AECR-Net: {json.dumps(dataclasses.asdict(config))}")
+        log(f"training {config.arch} ({sum(p.numel() for p in model.parameters()):,} parameters): "
+            f"{json.dumps(dataclasses.asdict(config))}")
         log(f"{len(images)} training pairs in {config.data}; steps {start + 1}..{end} of {config.steps}; "
             f"device {device}{' x ' + str(dist.world) if dist.world > 1 else ''}; "
             f"precision {'bf16 autocast' if autocast_dtype else 'fp32'}; "

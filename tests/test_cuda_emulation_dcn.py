@@ -147,8 +147,13 @@ def test_emulated_implicit_path_matches_float64_reference(emulated, name, dtype)
     out_exact, grad, grads_exact = exact(case, tensors)
     out = emulated.dcn_forward(x, w, o, m, b, *geometry, "implicit", 0)
     assert_close_in_precision(out, out_exact, dtype, IMPLICIT_ROUNDOFF, "output")
-    # The deterministic input gradient goes through column-gradient chunks: of images, or of pixels.
-    for deterministic, budget in ((False, BIG_BUDGET), (True, BIG_BUDGET), (True, pixel_chunk_budget(case))):
+    # The deterministic input gradient goes through column-gradient chunks: of images, or of pixels (in float32
+    # and not for the widest case only: the chunking depends neither on the dtype nor on the width, and fewer
+    # runs keep CI short).
+    runs = [(False, BIG_BUDGET), (True, BIG_BUDGET)]
+    if dtype == torch.float32 and name != "wide":
+        runs.append((True, pixel_chunk_budget(case)))
+    for deterministic, budget in runs:
         got = emulated_grads(emulated, tensors, geometry, grad, dtype, "implicit", deterministic, budget)
         for label, g, e in zip(grad_names(b, m), got, grads_exact):
             assert_close_in_precision(g, e, dtype, IMPLICIT_ROUNDOFF,

@@ -50,7 +50,9 @@ def test_our_checkpoint_and_unshared_config(tmp_path):
     model = random_model(share_weights=False, ngf=16)
     save_checkpoint(str(tmp_path / "ours.pt"), model, step=7)
     loaded = load_checkpoint(str(tmp_path / "ours.pt"), map_location="cpu")
-    assert loaded.config == {"in_channels": 3, "out_channels": 3, "ngf": 16, "share_weights": False}
+    assert loaded.config == {"in_channels": 3, "out_channels": 3, "ngf": 16, "share_weights": False,
+                             "fastdeconv": True, "dcn": True, "mixup": True}
+    assert loaded.arch == "aecr-unshared"
     assert_same(loaded, model)
 
 
@@ -68,7 +70,7 @@ def test_bad_files(tmp_path, content, words):
 
 def test_wrong_contents(tmp_path):
     torch.save({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not an AECR-Net state dict"):
+    with pytest.raises(CheckpointError, match="not a state dict of any of aecr.*ffa"):
         load_checkpoint(str(tmp_path / "other.pt"))
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(CheckpointError):

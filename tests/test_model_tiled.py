@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from aecr_model import AECRNet, dehaze_tensor
+from aecr_model import build_model, dehaze_tensor
 from aecr_model.checkpoint import save_checkpoint
 from aecr_model.cli import main
 from aecr_model.data import load_image, save_image
@@ -21,12 +21,12 @@ PSNR_BAR_DB = 40.0
 EXACT = 1e-4
 
 
-def trained_ish(ngf=16, seed=0, offset_scale=1.0):
+def trained_ish(ngf=16, seed=0, offset_scale=1.0, arch="aecr"):
     """An AECRNet with random weights scaled so that every layer matters, as in a trained network: He-scaled
     convolutions (activations neither vanish nor explode through the six FA blocks), DCN offsets of about one to
     three quarter-resolution pixels (offset_scale 1; larger values reach further), outputs spread over [0, 1]."""
     torch.manual_seed(seed)
-    model = AECRNet(ngf=ngf)
+    model = build_model(arch, ngf=ngf)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -36,10 +36,11 @@ def trained_ish(ngf=16, seed=0, offset_scale=1.0):
                 w.copy_(torch.randn(w.shape, generator=g) * (2.0 / fan_in) ** 0.5)
                 if module.bias is not None:
                     module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
-        dcn = model.dcn_block.dcn
-        dcn.weight.copy_(torch.randn(dcn.weight.shape, generator=g) * (2.0 / dcn.weight[0].numel()) ** 0.5)
-        offsets = dcn.conv_offset_mask.weight
-        offsets.copy_(torch.randn(offsets.shape, generator=g) * offset_scale / offsets[0].numel() ** 0.5)
+        for layer in set(model.dcn_layers()):
+            dcn = layer.dcn
+            dcn.weight.copy_(torch.randn(dcn.weight.shape, generator=g) * (2.0 / dcn.weight[0].numel()) ** 0.5)
+            offsets = dcn.conv_offset_mask.weight
+            offsets.copy_(torch.randn(offsets.shape, generator=g) * offset_scale / offsets[0].numel() ** 0.5)
         model.up3[1].bias.fill_(0.3)
     return model.eval()
 
@@ -76,6 +77,15 @@ def test_tiled_equals_whole_image(model, height, width, tile, overlap):
     assert tiled.shape == whole.shape and tiled.dtype == torch.float32
     assert psnr_db(tiled, whole) > PSNR_BAR_DB
     assert (tiled - whole).abs().max() < EXACT
+
+
+@pytest.mark.parametrize("arch", ["aecr-unshared", "aecr-no-fastdeconv", "aecr-no-dcn", "aecr-no-mixup"])
+def test_the_ablations_tile_exactly_too(arch):
+    model = trained_ish(ngf=8, arch=arch)
+    hazy = hazy_image(72, 92, seed=3)
+    whole = dehaze_tensor(model, hazy)
+    assert whole.std() > 0.03, "the test network must not be flat"
+    assert (dehaze_tiled(model, hazy, 48, 12) - whole).abs().max() < EXACT
 
 
 def test_tiles_really_need_the_whole_image(model):

@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="the offline CPU demo: synthetic data, brief training, evaluation, pictures")
     m.add_argument("--out", default="demo_out")
     m.add_argument("--steps", type=_positive_int, default=800)
+    _add_arch(m, "the network to train (default aecr)")
+    m.add_argument("--no-reference", action="store_true",
+                   help="leave out the shipped reference network (aecr_model/assets/demo_reference.pt)")
+    m.add_argument("--write-reference", default=None, metavar="PATH",
+                   help="write this run's network as a reference (float16) and its training log to PATH, .log")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--no-progress", action="store_true")
     return parser
@@ -251,7 +256,10 @@ def _run(args) -> int:
         return _profile(args)
     if args.command == "demo":
         from .demo import run_demo
-        run_demo(args.out, steps=args.steps, seed=args.seed, progress=not args.no_progress)
+        from .demo import REFERENCE
+        run_demo(args.out, steps=args.steps, seed=args.seed, arch=args.arch or "aecr",
+                 reference=None if args.no_reference else REFERENCE, write_reference=args.write_reference,
+                 progress=not args.no_progress)
         return 0
     raise AssertionError(args.command)
 
@@ -267,8 +275,8 @@ def _profile(args) -> int:
         models = [build_model(arch, **dict(args.model_options)) for arch in args.arch]
     rows = []
     for model in models:
-        row = profile_model(model, size=args.size, device=args.device, batch=args.batch_size, repeat=args.repeat)
-        rows.append({"arch": arch_of(model), **row})
+        rows.append(profile_model(model, size=args.size, device=args.device, batch=args.batch_size,
+                                  repeat=args.repeat, arch=arch_of(model)))
     print(format_profile(rows))
     if args.json:
         with open(args.json, "w") as f:

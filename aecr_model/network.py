@@ -92,7 +92,7 @@ class AECRNet(nn.Module):
         in_channels, out_channels: image channels (3).
         ngf: base width (64).
         share_weights: True (the official network, 2,614,229 parameters): ONE FA block applied six times and ONE
-            DCN applied twice. False: six FA blocks and two DCNs of their own (9,291,994 parameters), the reading
+            DCN applied twice. False: six FA blocks and two DCNs of their own (9,291,989 parameters), the reading
             of the paper's text.
         fastdeconv, dcn, mixup: the parts the paper's ablation removes, all True in AECR-Net. fastdeconv=False
             feeds the image straight to the encoder (no `deconv.*` weights); dcn=False drops the DCN layers (the

@@ -10,6 +10,7 @@
   (FastDeconv whitening), exact to the original layer of yechengxi/deconvolution.
 - :func:`workspace_bytes`, :func:`release_workspaces`: the CPU column workspaces kept between calls.
 - :mod:`aecr_ops.reference`: pure-PyTorch references (no compiled code needed).
+- :mod:`aecr_ops.flops`: the ops' FLOP formulas, registered with ``torch.utils.flop_counter`` on import.
 
 The ops are registered with PyTorch's dispatcher as ``torch.ops.aecr_ops.*``, with fake kernels and autograd,
 so they work with torch.compile, torch.library.opcheck, autocast and torch.use_deterministic_algorithms.
@@ -24,6 +25,7 @@ from .modules import (DCN, DeformConv2d, MMCVModulatedDeformConv2d, ModulatedDef
 
 if extension_loaded():
     from . import _registrations  # noqa: F401
+from . import flops  # noqa: F401, E402  (registers the ops' FLOP formulas with torch.utils.flop_counter)
 
 __all__ = [
     "deform_conv2d", "deform_conv2d_path", "release_workspaces", "workspace_bytes", "ModulatedDeformConv2d", "DCN",

@@ -91,16 +91,41 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_tiny(tmp_path):
+def test_demo_end_to_end_tiny_with_a_reference_it_wrote(tmp_path):
     from aecr_model.demo import run_demo
     lines = []
-    results = run_demo(str(tmp_path), steps=3, batch_size=2, crop=32, train_scenes=2, test_scenes=2,
-                       size=(40, 48), progress=False, echo=lines.append)
-    assert set(results["results"]) == {"hazy input", "Dark Channel Prior", "AECR-Net (this run)"}
+    first = run_demo(str(tmp_path / "a"), steps=3, batch_size=2, crop=32, train_scenes=2, test_scenes=2,
+                     size=(40, 48), progress=False, echo=lines.append, reference=None,
+                     write_reference=str(tmp_path / "ref.pt"))
+    assert set(first["results"]) == {"hazy input", "Dark Channel Prior", "AECR-Net (this run, 3 steps)"}
     for name in ("comparison.png", "loss_curve.png", "results.json"):
-        assert (tmp_path / name).exists()
-    assert Image.open(tmp_path / "comparison.png").size[0] > 4 * 48
-    assert any("PSNR" in line for line in lines)
+        assert (tmp_path / "a" / name).exists()
+    assert Image.open(tmp_path / "a" / "comparison.png").size[0] > 4 * 48
+    assert any("PSNR" in line for line in lines) and any(line.startswith("demo time: ") for line in lines)
+    assert (tmp_path / "ref.log").read_text().count("step 3/3") == 1
+
+    # The reference holds float16 weights that load into the float32 network.
+    reference = torch.load(tmp_path / "ref.pt", weights_only=True)
+    assert reference["weights_dtype"] == "float16" and reference["arch"] == "aecr" and reference["step"] == 3
+    assert "optimizer" not in reference
+    trained = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)["model"]
+    for key, value in reference["model"].items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float16
+            torch.testing.assert_close(value.float(), trained[key], rtol=1e-3, atol=1e-4)
+    second = run_demo(str(tmp_path / "b"), steps=2, batch_size=2, crop=32, train_scenes=2, test_scenes=2,
+                      size=(40, 48), progress=False, echo=lines.append, reference=str(tmp_path / "ref.pt"))
+    assert list(second["results"]) == ["hazy input", "Dark Channel Prior", "AECR-Net (shipped, 3 steps)",
+                                       "AECR-Net (this run, 2 steps)"]
+    assert second["reference"] == str(tmp_path / "ref.pt")
+    # Five columns: hazy | DCP | reference | this run | clear.
+    assert Image.open(tmp_path / "b" / "comparison.png").size[0] == 5 * 48 + 4 * 4
+
+
+def test_best_in_both():
+    from aecr_model.demo import best_in_both
+    assert best_in_both({"a": {"psnr": 20, "ssim": 0.8}, "b": {"psnr": 19, "ssim": 0.7}}) == "a"
+    assert best_in_both({"a": {"psnr": 20, "ssim": 0.7}, "b": {"psnr": 19, "ssim": 0.8}}) is None
 
 
 @pytest.mark.slow

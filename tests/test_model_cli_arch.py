@@ -102,3 +102,22 @@ def test_dehaze_tensor_pads_only_what_the_network_needs():
     ffa = build_model("ffa", blocks=1, dim=16).eval()
     x = torch.rand(1, 3, 13, 17)
     torch.testing.assert_close(dehaze_tensor(ffa, x), ffa(x).clamp(0, 1))
+
+
+def test_profile_prints_the_table_and_writes_json(data, tmp_path, capsys):
+    from aecr_model import build_model
+    from aecr_model.network import count_parameters
+    target = tmp_path / "profile.json"
+    assert main(["profile", "--arch", "aecr", "aecr-no-dcn", "--model-option", "ngf=8", "--size", "32x48",
+                 "--repeat", "1", "--json", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "GMACs" in out and "aecr-no-dcn" in out and "52.2" in out  # the published figure beside ours
+    rows = json.loads(target.read_text())
+    assert [row["arch"] for row in rows] == ["aecr", "aecr-no-dcn"]
+    assert rows[0]["parameters"] == count_parameters(build_model("aecr", ngf=8))
+    assert rows[0]["forward_macs"] > rows[1]["forward_macs"] > 0  # the DCN layers are counted
+    checkpoint = train(data, tmp_path / "run", "ffa", "--cr-weight", "0")
+    assert main(["profile", "--checkpoint", str(checkpoint), "--size", "16", "--repeat", "1"]) == 0
+    assert "ffa" in capsys.readouterr().out
+    assert main(["profile", "--arch", "aecr", "--size", "30", "--repeat", "1"]) == 2  # not a multiple of 4
+    assert "size" in capsys.readouterr().err

@@ -16,9 +16,10 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	$(PY) -m pytest tests -q
 
+# The benchmark suite at full size; BENCH_ARGS adds pytest options: --bench-save keeps the run in
+# benchmarks/results/<machine kind>/, --bench-compare-last compares with the last one committed there.
 bench: $(VENV)/.built
-	$(PY) benchmarks/bench_dcn.py
-	$(PY) benchmarks/bench_fastdeconv.py
+	$(PY) -m pytest benchmarks --benchmark-only $(BENCH_ARGS)
 
 install: $(VENV)/.built
 

@@ -144,6 +144,8 @@ def main():
 
     setup(
         packages=find_packages(include=["aecr_ops", "aecr_ops.*", "aecr_model", "aecr_model.*"]),
+        # The demo's reference network and its training log (aecr_model/demo.py: REFERENCE).
+        package_data={"aecr_model": ["assets/*.pt", "assets/*.log"]},
         ext_modules=[extension],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
     )

@@ -1,7 +1,10 @@
-"""Pieces the benchmark scripts and the GPU check share: device synchronisation, atomic JSON files, freeing CUDA
-memory after a failed measurement. It imports torch only where needed: the GPU check runs before the build."""
+"""Pieces the benchmarks and the GPU check share: device synchronisation, atomic JSON files, freeing CUDA memory
+after a failed measurement, running a part of the pytest-benchmark suite. It imports torch and pytest only where
+needed: the GPU check runs before the build."""
 import json
 import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def sync(device):
@@ -35,3 +38,10 @@ def release_cuda_memory(device):
         torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001
         pass
+
+
+def run_suite(files, pytest_args):
+    """Runs these files of the suite (names in benchmarks/) with pytest --benchmark-only and more pytest options:
+    what `python benchmarks/bench_dcn.py ...` and its siblings do. Returns pytest's exit code."""
+    import pytest
+    return int(pytest.main([os.path.join(HERE, name) for name in files] + ["--benchmark-only", *pytest_args]))

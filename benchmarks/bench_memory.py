@@ -37,6 +37,7 @@ import sys
 import time
 
 from bench_common import write_json_atomic
+from bench_machine import cpu_model
 
 SIZES = {"small": (256, 256), "1080p": (1080, 1920), "4k": (2160, 3840)}
 CASES = ["dcn_aecr_ops", "dcn_torchvision", "model_untiled", "model_tiled"]
@@ -179,21 +180,10 @@ def worker(args):
 # The parent: one process per case, the table, the JSON
 
 
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(threads):
     """The machine; torch's version and threads come from the first case (the parent does not import torch: a
     child's ru_maxrss starts from its parent's RSS at the fork)."""
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
 
 

@@ -1,8 +1,11 @@
-"""The GPU check: build, CUDA tests, compute-sanitizer, benchmarks, in that order; one JSON of results.
+"""The GPU check: build, CUDA tests, compute-sanitizer, the benchmark suite, in that order; one JSON of results.
 
 Run by benchmarks/gpu_check.sh (which sets the environment and an outer time limit); see there for the usage.
 Correctness comes before speed: the build, then the CUDA tests (the simple DCN path and FastDeconv first), then
-the four compute-sanitizer tools on benchmarks/sanitizer_case.py, then the benchmarks.
+the four compute-sanitizer tools on benchmarks/sanitizer_case.py, then the pytest-benchmark suite on CUDA
+(benchmarks/test_*.py with --bench-device cuda, in five parts: the DCN groups and sweeps in fp32, the DCN groups in
+TF32 and in bf16, FastDeconv, AECR-Net), each part writing its results after every benchmark
+(--bench-progress-json), so that a part stopped at its limit keeps what it measured.
 
 Every step runs as a subprocess with its own time limit (its whole process group is killed at the limit); the
 limits add up to less than the run's outer limit. OUT/gpu_check.json is rewritten atomically (a temporary file in
@@ -11,9 +14,10 @@ measured before it. All step output goes to one log, OUT/gpu_check.log; nothing 
 
 --dry-run walks the same steps on a machine without a GPU, with the CUDA work left out: the build step imports
 aecr_ops instead of building, the test steps collect the same selections (pytest --collect-only), the sanitizer
-steps look for compute-sanitizer and run sanitizer_case.py on the CPU, the benchmark steps run the same scripts
-on the CPU on tiny shapes with one repeat (so their argument parsing, JSON writing and targets() run). Their
-status is then "dry-run" (or "failed": a script error found before a GPU is spent on it).
+steps look for compute-sanitizer and run sanitizer_case.py on the CPU, the benchmark steps run the same parts of
+the suite on tiny shapes with one round, on the CPU (the CUDA cases collected and skipped), so that their
+selection, the results file and targets() run. Their status is then "dry-run" (or "failed": an error found before
+a GPU is spent on it).
 
 This file uses the standard library only: it never imports torch itself, so it runs before the build.
 """
@@ -53,8 +57,20 @@ SANITIZER_GROUPS = ["simple", "fastdeconv", "implicit"]
 # Retried without the filter if this compute-sanitizer refuses it.
 SANITIZER_KERNEL_FILTER = "kns=aecr"
 SANITIZER_FILTERED = ("memcheck", "racecheck", "synccheck")
-DCN_SHAPE = "16x256x64"      # AECR-Net's DCN layer: B16, 256 -> 256 channels, 64 x 64, 3 x 3
-DCN_RUNS = {"float32": ("float32", []), "tf32": ("float32", ["--tf32"]), "bfloat16": ("bfloat16", [])}
+DCN_SHAPE = "16x256x64x64"   # AECR-Net's DCN layer: B16, 256 -> 256 channels, 64 x 64, 3 x 3
+# The suite's parts, one step each: (kind of results, test files, -k selection).
+SUITE_PARTS = {
+    "bench_dcn_float32": ("dcn", ["benchmarks/test_dcn.py", "benchmarks/test_dcn_scaling.py"], "fp32"),
+    "bench_dcn_tf32": ("dcn", ["benchmarks/test_dcn.py"], "tf32"),
+    "bench_dcn_bfloat16": ("dcn", ["benchmarks/test_dcn.py"], "bf16"),
+    "bench_fastdeconv": ("fastdeconv", ["benchmarks/test_fastdeconv.py"], None),
+    "bench_model": ("model", ["benchmarks/test_model.py"], None),
+}
+# pytest-benchmark's rounds on the GPU: as many as fit in 0.2 s a benchmark (at least 5; the network's: 3).
+SUITE_REAL = ["--bench-device", "cuda", "--bench-size", "full", "--benchmark-max-time=0.2"]
+# The dry run: tiny shapes, one round, every device (the CUDA cases skip); ONNX Runtime's export (CPU only,
+# seconds) is left to CI's run of the suite.
+SUITE_DRY = ["--bench-device", "all", "--bench-size", "tiny", "--benchmark-min-rounds=1", "--benchmark-max-time=0"]
 
 # (name, limit in seconds): the order in which the steps run. The sum stays below OUTER_LIMIT_S - margin.
 STEPS = [
@@ -66,9 +82,9 @@ STEPS = [
     ("sanitizer_racecheck", 25),
     ("sanitizer_synccheck", 20),
     ("sanitizer_initcheck", 35),
-    ("bench_dcn_float32", 25),
-    ("bench_dcn_tf32", 25),
-    ("bench_dcn_bfloat16", 25),
+    ("bench_dcn_float32", 40),
+    ("bench_dcn_tf32", 20),
+    ("bench_dcn_bfloat16", 20),
     ("bench_fastdeconv", 20),
     ("bench_model", 35),
 ]
@@ -93,6 +109,11 @@ try:
 except Exception as error:
     info["torchvision"] = None
     info["torchvision_error"] = f"{type(error).__name__}: {error}"
+try:
+    import pytest_benchmark
+    info["pytest_benchmark"] = pytest_benchmark.__version__
+except Exception as error:
+    info["pytest_benchmark"] = None   # the benchmark steps will fail: the suite runs on it
 print("GPU_CHECK_ENV " + json.dumps(info), flush=True)
 """
 
@@ -262,16 +283,19 @@ TARGET_GOALS = {
     "model_training": (">=", 1.5, "AECR-Net training step speed-up vs torchvision DCN + original FastDeconv"),
 }
 DCN_CONFIGS = ("float32", "float32+tf32", "bfloat16")
+PRECISION_CONFIGS = {"fp32": "float32", "tf32": "float32+tf32", "bf16": "bfloat16"}
 
 
-def dcn_config(row):
-    return row.get("dtype", "?") + ("+tf32" if row.get("tf32") and row.get("dtype") == "float32" else "")
+def suite_entries(result):
+    """Every benchmark the suite's parts recorded (bench_report's entries, each with its step and size)."""
+    bench = result.get("benchmarks") or {}
+    return [entry for kind in ("dcn", "fastdeconv", "model") for entry in bench.get(kind) or []]
 
 
 def targets(result):
     """Each GPU target of the performance issue: {"target", "kind", "goal", "comparison", "measured", "met", ...}.
 
-    Only entries that were measured, labelled with the path that really ran, give rows; a target with no
+    Only benchmarks that were measured, labelled with the path that really ran, give rows; a target with no
     measurement at all gets one row with measured None and met None ("not measured").
     """
     rows = []
@@ -284,48 +308,53 @@ def targets(result):
         rows.append({"target": what + label, "kind": kind, "goal": goal, "comparison": comparison,
                      "measured": measured, "met": met, **extra})
 
-    bench = result.get("benchmarks") or {}
+    entries = suite_entries(result)
+    by_group_and_impl = {(e.get("group"), (e.get("extra_info") or {}).get("impl")): e for e in entries}
     seen = set()
-    for row in bench.get("dcn") or []:
-        config = dcn_config(row)
-        device = "" if row.get("device") == "cuda" else f" ({row.get('device')})"
-        for name, entry in row.items():
-            if not (name.startswith("aecr_ops") and isinstance(entry, dict) and "forward_backward_s" in entry
-                    and entry.get("path")):
-                continue
-            path = entry["path"]
-            where = f": {row.get('shape')} {config}, {path} path{device}"
-            extra = dict(config=config, path=path, impl=name)
-            if name.endswith("_deterministic"):
-                add("dcn_deterministic", where, entry.get("ratio_to_default_forward_backward"), **extra)
-                seen.add(("dcn_deterministic", config))
-                continue
-            note = ", torchvision in float32" if row.get("torchvision_baseline") == "torchvision_float32" else ""
-            add("dcn_vs_torchvision", where + note, entry.get("speedup_vs_torchvision_forward_backward"), **extra)
-            add("dcn_vs_cudnn", where, entry.get("ratio_to_conv2d_forward_backward"), **extra)
-            seen.update({("dcn_vs_torchvision", config), ("dcn_vs_cudnn", config)})
+    for entry in entries:
+        info = entry.get("extra_info") or {}
+        impl = str(info.get("impl", ""))
+        if info.get("task") != "dcn_forward_backward" or not impl.startswith("aecr") or not info.get("path"):
+            continue
+        config = PRECISION_CONFIGS.get(info.get("precision"), str(info.get("precision")))
+        device = "" if info.get("device") == "cuda" else f" ({info.get('device')})"
+        path = info["path"]
+        where = f": {info.get('shape')} {config}, {path} path{device}"
+        extra = dict(config=config, path=path, impl=impl)
+        ratios, speedups = info.get("time_ratio") or {}, info.get("speedup") or {}
+        if info.get("deterministic"):
+            add("dcn_deterministic", where, ratios.get(impl[:-len("-deterministic")]), **extra)
+            seen.add(("dcn_deterministic", config))
+            continue
+        torchvision = (by_group_and_impl.get((entry.get("group"), "torchvision")) or {}).get("extra_info") or {}
+        note = ", torchvision in float32" if torchvision.get("dtype") not in (None, info.get("dtype")) else ""
+        add("dcn_vs_torchvision", where + note, speedups.get("torchvision"), **extra)
+        add("dcn_vs_cudnn", where, ratios.get("conv2d"), **extra)
+        seen.update({("dcn_vs_torchvision", config), ("dcn_vs_cudnn", config)})
     for kind in ("dcn_vs_torchvision", "dcn_vs_cudnn", "dcn_deterministic"):
         for config in DCN_CONFIGS:
             if (kind, config) not in seen:
                 add(kind, f": {DCN_SHAPE} {config}", None, config=config, note="not measured")
 
     found = False
-    for row in bench.get("fastdeconv") or []:
-        if row.get("shape") == "aecr_16x3x256" and row.get("speedup") is not None:
-            shape = "x".join(str(v) for v in row.get("input", []))
-            tiny = f" (measured on {shape}, a tiny dry-run input)" if row.get("tiny") else ""
-            add("fastdeconv", tiny, row["speedup"])
+    for entry in entries:
+        info = entry.get("extra_info") or {}
+        if (info.get("task"), info.get("layer"), info.get("impl")) == ("fastdeconv_training_step", "aecrnet", "aecr") \
+                and (info.get("speedup") or {}).get("original") is not None:
+            tiny = f" (measured on {info.get('shape')}, a tiny dry-run input)" if entry.get("size") == "tiny" else ""
+            add("fastdeconv", tiny, info["speedup"]["original"])
             found = True
     if not found:
         add("fastdeconv", "", None, note="not measured")
 
     found = False
-    model = bench.get("model") if isinstance(bench.get("model"), dict) else {}
-    for row in model.get("training") or []:
-        for impl, value in (row.get("speedup") or {}).items():
-            path = (row.get("paths") or {}).get(impl)
-            add("model_training", f": {row.get('precision')}, {path} path", value, precision=row.get("precision"),
-                path=path, impl=impl)
+    for entry in entries:
+        info = entry.get("extra_info") or {}
+        speedup = (info.get("speedup") or {}).get("baseline")
+        if info.get("task") == "model_training_step" and str(info.get("impl", "")).startswith("aecr") \
+                and speedup is not None:
+            add("model_training", f": {info.get('precision')}, {info.get('path')} path", speedup,
+                precision=info.get("precision"), path=info.get("path"), impl=info["impl"])
             found = True
     if not found:
         add("model_training", "", None, note="not measured")
@@ -374,7 +403,8 @@ class Harness:
             "plan": [{"name": name, "limit_s": limit} for name, limit in STEPS],
             "log": LOG_NAME,
             "steps": [],
-            "benchmarks": {"dcn": [], "fastdeconv": [], "model": None},
+            "benchmarks": {"dcn": [], "fastdeconv": [], "model": []},
+            "suite": None,
             "targets": [],
         }
         with open(self.log_path, "w") as log:
@@ -625,45 +655,51 @@ class Harness:
             entry.update(status=status, exit_code=rc, summary=summary, tail=tail_of(output, 1000))
         return run
 
-    def bench(self, kind, real, dry):
-        """A benchmark script: real/dry are its arguments; its JSON is merged into result["benchmarks"]."""
+    def bench(self, kind, files, selection):
+        """A part of the suite: its progress file is merged into result["benchmarks"][kind] and its pytest-benchmark
+        JSON (without the raw timings) into result["suite"]."""
         def run(entry, limit):
-            path = os.path.join(self.work, f"{entry['name']}.json")
-            if os.path.exists(path):
-                os.unlink(path)
-            command = [self.python, *(dry if self.dry_run else real), "--json", path]
-            entry["command"] = shlex.join(["python3"] + command[1:-2] + ["--json", "<file>"])
+            progress = os.path.join(self.work, f"{entry['name']}.json")
+            suite = os.path.join(self.work, f"{entry['name']}-suite.json")
+            for path in (progress, suite):
+                if os.path.exists(path):
+                    os.unlink(path)
+            options = SUITE_DRY if self.dry_run else SUITE_REAL
+            chosen = selection
+            if self.dry_run:
+                chosen = f"({selection}) and not onnxruntime" if selection else "not onnxruntime"
+            command = [self.python, "-m", "pytest", *files, "--benchmark-only", "-p", "no:cacheprovider", "-q",
+                       "--color=no", *options, *(["-k", chosen] if chosen else [])]
+            entry["command"] = shlex.join(["python3"] + command[1:])
+            command += ["--bench-progress-json", progress, "--benchmark-json", suite]
             rc, seconds, output = self.run(command, limit)
-            document = None
-            if os.path.exists(path):
-                try:
-                    with open(path) as f:
-                        document = json.load(f)
-                except ValueError as error:
-                    entry["summary"] = {"json_error": str(error)}
-            self.merge(kind, entry["name"], document)
-            summary = {"json": document is not None,
-                       "complete": bool(document and document.get("complete"))}
-            if kind == "dcn" and document:
-                rows = document.get("results", [])
-                summary["entries"] = {name: describe_entry(value) for row in rows for name, value in row.items()
-                                      if isinstance(value, dict)}
+            document = read_json(progress, entry)
+            self.merge(kind, entry["name"], document, read_json(suite, entry))
+            summary = {"json": document is not None, "complete": bool(document and document.get("complete"))}
+            if document:
+                reasons = {}
+                for skipped in document.get("skipped", []):
+                    reasons[skipped["reason"]] = reasons.get(skipped["reason"], 0) + 1
+                summary.update(measured=len(document.get("benchmarks", [])), skipped=sum(reasons.values()),
+                               skip_reasons=reasons)
             ok = rc == 0 and summary["complete"]
             status = ("dry-run" if self.dry_run else "ok") if ok else ("timeout" if rc == "timeout" else "failed")
             entry.update(status=status, exit_code=rc, summary={**(entry.get("summary") or {}), **summary},
                          tail=tail_of(output))
         return run
 
-    def merge(self, kind, step, document):
+    def merge(self, kind, step, document, suite):
         bench = self.result["benchmarks"]
-        if kind == "dcn":
-            bench["dcn"] = [row for row in bench["dcn"] if row.get("step") != step]
-            for row in (document or {}).get("results", []):
-                bench["dcn"].append({"step": step, **row})
-        elif kind == "fastdeconv":
-            bench["fastdeconv"] = (document or {}).get("results", [])
-        elif kind == "model":
-            bench["model"] = document
+        bench[kind] = [e for e in bench[kind] if e.get("step") != step]
+        for e in (document or {}).get("benchmarks", []):
+            bench[kind].append({"step": step, "size": document.get("size"), **e})
+        if suite:
+            for b in suite.get("benchmarks", []):
+                b.get("stats", {}).pop("data", None)   # the raw timings: up to thousands a benchmark on a GPU
+            merged = self.result["suite"] or {**suite, "benchmarks": []}
+            merged["benchmarks"] = [b for b in merged["benchmarks"] if b.get("step") != step]
+            merged["benchmarks"] += [{"step": step, **b} for b in suite.get("benchmarks", [])]
+            self.result["suite"] = merged
 
     def plan(self):
         """(name, limit, fn) in order."""
@@ -675,21 +711,8 @@ class Harness:
         }
         for tool in SANITIZER_TOOLS:
             fns[f"sanitizer_{tool}"] = self.sanitizer(tool)
-        for label, (dtype, extra) in DCN_RUNS.items():
-            real = ["benchmarks/bench_dcn.py", "--device", "cuda", "--dtype", dtype, "--shapes", DCN_SHAPE,
-                    "--warmup", "2", "--repeat", "10", *extra]
-            dry = ["benchmarks/bench_dcn.py", "--device", "cpu", "--dtype", dtype, "--shapes", "1x8x8",
-                   "--warmup", "0", "--repeat", "1", *extra]
-            fns[f"bench_dcn_{label}"] = self.bench("dcn", real, dry)
-        fns["bench_fastdeconv"] = self.bench(
-            "fastdeconv", ["benchmarks/bench_fastdeconv.py", "--device", "cuda", "--warmup", "3", "--repeat", "15"],
-            ["benchmarks/bench_fastdeconv.py", "--device", "cpu", "--tiny", "--warmup", "0", "--repeat", "1"])
-        fns["bench_model"] = self.bench(
-            "model", ["benchmarks/bench_model.py", "--device", "cuda", "--precisions", "bf16", "fp32+tf32", "fp32",
-                      "--warmup", "1", "--repeat", "3", "--inference-repeat", "2"],
-            ["benchmarks/bench_model.py", "--device", "cpu", "--batch", "1", "--crop", "16", "--cr",
-             "--precisions", "bf16", "fp32+tf32", "fp32", "--warmup", "0", "--repeat", "1",
-             "--inference-size", "16x16", "--inference-repeat", "1"])
+        for name, (kind, files, selection) in SUITE_PARTS.items():
+            fns[name] = self.bench(kind, files, selection)
         assert list(fns) == [name for name, _ in STEPS]
         return [(name, limit, fns[name]) for name, limit in STEPS]
 
@@ -722,14 +745,16 @@ class Harness:
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 
-def describe_entry(entry):
-    """One word for a bench_dcn entry: its path, or why it has none."""
-    if "forward_backward_s" in entry:
-        return f"measured ({entry.get('path', '?')} path)" if entry.get("path") else "measured"
-    for key in ("not_applicable", "unsupported", "error"):
-        if key in entry:
-            return entry[key] if key == "not_applicable" else f"{key}: {str(entry[key])[:120]}"
-    return "?"
+def read_json(path, entry):
+    """The JSON document at path, or None (missing; unreadable: the error goes into the step's summary)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as error:
+        entry["summary"] = {**(entry.get("summary") or {}), "json_error": f"{os.path.basename(path)}: {error}"}
+        return None
 
 
 def find_sanitizer():
@@ -823,7 +848,8 @@ def summary_line(entry):
         ran = f"{case.get('ran')}/{case.get('cases')} cases" if case else "cases did not finish"
         return f"{s.get('summary') or 'no summary'}; {ran}" + (f"; {s['note']}" if s.get("note") else "")
     if name.startswith("bench"):
-        return ("complete" if s.get("complete") else "partial" if s.get("json") else "no results") + (
+        counts = f"; {s['measured']} measured, {s['skipped']} skipped" if "measured" in s else ""
+        return ("complete" if s.get("complete") else "partial" if s.get("json") else "no results") + counts + (
             f"; {s['json_error']}" if s.get("json_error") else "")
     return ""
 

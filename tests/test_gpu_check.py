@@ -1,8 +1,9 @@
 """The GPU check harness (benchmarks/gpu_check.sh, gpu_check.py) and the robustness of the benchmark scripts.
 
 The fast tests cover the pure-Python pieces: pytest and compute-sanitizer output parsing, targets() on synthetic
-results, atomic JSON writing, the step plan's limits, bench_dcn's path labelling and partial results. The slow
-ones run the whole harness in --dry-run (no GPU needed) and check the JSON it leaves, also when it is stopped.
+suite results, atomic JSON writing, the step plan's limits, bench_dcn's path labelling and its thin entry point.
+The slow ones run the whole harness in --dry-run (no GPU needed) and check the JSON it leaves, also when it is
+stopped.
 """
 import importlib.util
 import json
@@ -33,6 +34,7 @@ def load(name):
 
 gpu_check = load("gpu_check")
 bench_dcn = load("bench_dcn")
+bench_report = load("bench_report")
 
 STEP_NAMES = ["environment", "build", "cuda_tests_simple_fastdeconv", "cuda_tests_rest", "sanitizer_memcheck",
               "sanitizer_racecheck", "sanitizer_synccheck", "sanitizer_initcheck", "bench_dcn_float32",
@@ -175,49 +177,52 @@ def test_parse_sanitizer_timeout_and_refused_option():
 # ---------------------------------------------------------------------------------------------------------------
 # targets()
 
-def timing(fwd, fwd_bwd, path=None):
-    entry = {"forward_s": fwd, "forward_backward_s": fwd_bwd}
-    if path:
-        entry["path"] = path
-    return entry
+def entry(task, impl, median, group, precision="fp32", shape="16x256x64x64", **info):
+    """One benchmark as the suite's progress file records it (bench_report's entry)."""
+    return {"name": f"test[{impl}]", "fullname": f"benchmarks/x.py::test[{impl}]", "group": group,
+            "median_s": median, "rounds": 5,
+            "extra_info": {"task": task, "impl": impl, "device": "cuda", "precision": precision, "shape": shape,
+                           **info}}
 
 
-def dcn_row(dtype, tf32, entries):
-    row = {"shape": "16x256x64", "dtype": dtype, "device": "cuda", "tf32": tf32, **entries}
-    bench_dcn.add_ratios(row, [k for k in entries if k.startswith("aecr_ops")])
-    return row
+def dcn_group(precision, timings):
+    """The forward+backward group of one precision: {impl: (median, extra_info)}, annotated with the ratios."""
+    group = f"dcn forward+backward | cuda {precision} | 16x256x64x64"
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    entries = [entry("dcn_forward_backward", impl, median, group, precision,
+                     **{"baselines": bench_dcn.baselines_of(impl), "dtype": dtype, **info})
+               for impl, (median, info) in timings.items()]
+    return bench_report.annotate(entries)
 
 
 def synthetic_result():
-    not_applicable = {"not_applicable": "not applicable: runs the simple path", "would_run": "simple"}
-    fp32 = dcn_row("float32", False, {
-        "aecr_ops_simple": timing(2e-3, 6e-3, "simple"),
-        "aecr_ops_simple_deterministic": timing(2e-3, 15e-3, "simple"),
-        "aecr_ops_implicit": dict(not_applicable),
-        "aecr_ops_implicit_deterministic": dict(not_applicable),
-        "torchvision": timing(5e-3, 24e-3),
-        "conv2d": timing(1e-3, 3e-3)})
-    tf32 = dcn_row("float32", True, {
-        "aecr_ops_simple": timing(1e-3, 4e-3, "simple"),
-        "aecr_ops_implicit": timing(1e-3, 5e-3, "implicit"),
-        "aecr_ops_implicit_deterministic": {"error": "RuntimeError: CUDA error: an illegal memory access"},
-        "torchvision": timing(4e-3, 20e-3),
-        "conv2d": timing(1e-3, 2e-3)})
-    bf16 = dcn_row("bfloat16", False, {
-        "aecr_ops_simple": timing(1e-3, 3e-3, "simple"),
-        "torchvision": {"unsupported": "NotImplementedError: \"deformable_im2col\" not implemented for 'BFloat16'"},
-        "torchvision_float32": timing(6e-3, 30e-3),
-        "conv2d": timing(0.5e-3, 1e-3)})
-    model = {"training": [
-        {"precision": "fp32", "paths": {"aecr_ops_simple": "simple"},
-         "not_applicable": {"aecr_ops_implicit": "not applicable: runs the simple path"},
-         "seconds": {"aecr_ops_simple": 1.0, "baseline": 2.0}, "speedup": {"aecr_ops_simple": 2.0}},
-        {"precision": "bf16", "paths": {"aecr_ops_simple": "simple", "aecr_ops_implicit": "implicit"},
-         "seconds": {"aecr_ops_simple": 1.0, "aecr_ops_implicit": 1.5, "baseline": 1.8},
-         "speedup": {"aecr_ops_simple": 1.8, "aecr_ops_implicit": 1.2}}]}
-    fastdeconv = [{"shape": "aecr_16x3x256", "input": [16, 3, 256, 256], "speedup": 3.5},
-                  {"shape": "c64_8x64x64", "input": [8, 64, 64, 64], "speedup": 1.9}]
-    return {"benchmarks": {"dcn": [fp32, tf32, bf16], "fastdeconv": fastdeconv, "model": model}}
+    simple, implicit = {"path": "simple", "deterministic": False}, {"path": "implicit", "deterministic": False}
+    # fp32 without TF32: the implicit variants did not apply (skipped, so absent)
+    fp32 = dcn_group("fp32", {"aecr-simple": (6e-3, simple),
+                              "aecr-simple-deterministic": (15e-3, {"path": "simple", "deterministic": True}),
+                              "torchvision": (24e-3, {}), "conv2d": (3e-3, {})})
+    # TF32: the implicit path ran, its deterministic variant failed (so absent)
+    tf32 = dcn_group("tf32", {"aecr-simple": (4e-3, simple), "aecr-implicit": (5e-3, implicit),
+                              "torchvision": (20e-3, {}), "conv2d": (2e-3, {})})
+    bf16 = dcn_group("bf16", {"aecr-simple": (3e-3, simple),
+                              "torchvision": (30e-3, {"dtype": "float32", "note": "no torch.bfloat16 kernel"}),
+                              "conv2d": (1e-3, {})})
+    model = []
+    for precision, timings in (("fp32", {"aecr-simple": 1.0, "baseline": 2.0}),
+                               ("bf16", {"aecr-simple": 1.0, "aecr-implicit": 1.5, "baseline": 1.8})):
+        group = f"aecr-net training step | cuda {precision} | 16x3x240x240-l1+cr"
+        model += bench_report.annotate([
+            entry("model_training_step", impl, median, group, precision, shape="16x3x240x240-l1+cr",
+                  baselines=[] if impl == "baseline" else ["baseline"],
+                  **({} if impl == "baseline" else {"path": impl.split("-")[1]}))
+            for impl, median in timings.items()])
+    fastdeconv = []
+    for layer, shape, aecr in (("aecrnet", "16x3x256x256", 1 / 3.5), ("c64", "8x64x64x64", 1 / 1.9)):
+        group = f"fastdeconv training step | cuda fp32 | {layer} {shape}"
+        fastdeconv += bench_report.annotate([
+            entry("fastdeconv_training_step", "aecr", aecr, group, shape=shape, layer=layer, baselines=["original"]),
+            entry("fastdeconv_training_step", "original", 1.0, group, shape=shape, layer=layer, baselines=[])])
+    return {"benchmarks": {"dcn": fp32 + tf32 + bf16, "fastdeconv": fastdeconv, "model": model}}
 
 
 def by_target(rows):
@@ -231,22 +236,22 @@ def test_targets_label_rows_by_the_path_that_ran_and_only_those():
     assert not [r for r in rows if r.get("config") == "float32" and r.get("path") == "implicit"]
     fp32 = by_target(r for r in measured if r.get("config") == "float32")
     assert set(fp32) == {
-        "DCN fwd+bwd speed-up vs torchvision: 16x256x64 float32, simple path",
-        "DCN fwd+bwd time / cuDNN conv2d: 16x256x64 float32, simple path",
-        "DCN deterministic / default fwd+bwd: 16x256x64 float32, simple path"}
-    assert fp32["DCN fwd+bwd speed-up vs torchvision: 16x256x64 float32, simple path"]["measured"] == 4.0
-    assert fp32["DCN fwd+bwd speed-up vs torchvision: 16x256x64 float32, simple path"]["met"] is True
-    assert fp32["DCN fwd+bwd time / cuDNN conv2d: 16x256x64 float32, simple path"]["measured"] == 2.0
-    assert fp32["DCN fwd+bwd time / cuDNN conv2d: 16x256x64 float32, simple path"]["met"] is False
-    assert fp32["DCN deterministic / default fwd+bwd: 16x256x64 float32, simple path"]["measured"] == 2.5
-    assert fp32["DCN deterministic / default fwd+bwd: 16x256x64 float32, simple path"]["met"] is False
+        "DCN fwd+bwd speed-up vs torchvision: 16x256x64x64 float32, simple path",
+        "DCN fwd+bwd time / cuDNN conv2d: 16x256x64x64 float32, simple path",
+        "DCN deterministic / default fwd+bwd: 16x256x64x64 float32, simple path"}
+    assert fp32["DCN fwd+bwd speed-up vs torchvision: 16x256x64x64 float32, simple path"]["measured"] == 4.0
+    assert fp32["DCN fwd+bwd speed-up vs torchvision: 16x256x64x64 float32, simple path"]["met"] is True
+    assert fp32["DCN fwd+bwd time / cuDNN conv2d: 16x256x64x64 float32, simple path"]["measured"] == 2.0
+    assert fp32["DCN fwd+bwd time / cuDNN conv2d: 16x256x64x64 float32, simple path"]["met"] is False
+    assert fp32["DCN deterministic / default fwd+bwd: 16x256x64x64 float32, simple path"]["measured"] == 2.5
+    assert fp32["DCN deterministic / default fwd+bwd: 16x256x64x64 float32, simple path"]["met"] is False
     # TF32: the implicit path ran, its deterministic variant failed: no deterministic row for implicit
     tf32 = [r for r in measured if r.get("config") == "float32+tf32"]
     assert {(r["kind"], r["path"]) for r in tf32} == {("dcn_vs_torchvision", "simple"), ("dcn_vs_cudnn", "simple"),
                                                     ("dcn_vs_torchvision", "implicit"), ("dcn_vs_cudnn", "implicit")}
     implicit = by_target(r for r in tf32 if r["path"] == "implicit")
-    assert implicit["DCN fwd+bwd speed-up vs torchvision: 16x256x64 float32+tf32, implicit path"]["measured"] == 4.0
-    assert implicit["DCN fwd+bwd time / cuDNN conv2d: 16x256x64 float32+tf32, implicit path"]["measured"] == 2.5
+    assert implicit["DCN fwd+bwd speed-up vs torchvision: 16x256x64x64 float32+tf32, implicit path"]["measured"] == 4.0
+    assert implicit["DCN fwd+bwd time / cuDNN conv2d: 16x256x64x64 float32+tf32, implicit path"]["measured"] == 2.5
     placeholder = [r for r in rows if r["kind"] == "dcn_deterministic" and r.get("config") == "float32+tf32"]
     assert len(placeholder) == 1 and placeholder[0]["measured"] is None and placeholder[0]["met"] is None
     assert "path" not in placeholder[0]
@@ -254,8 +259,6 @@ def test_targets_label_rows_by_the_path_that_ran_and_only_those():
 
 def test_targets_bf16_speedup_is_against_torchvision_in_float32():
     result = synthetic_result()
-    bf16_row = result["benchmarks"]["dcn"][2]
-    assert bf16_row["baseline_dtype"] == "float32" and bf16_row["torchvision_baseline"] == "torchvision_float32"
     rows = [r for r in gpu_check.targets(result) if r.get("config") == "bfloat16" and r["measured"] is not None]
     vs_tv = [r for r in rows if r["kind"] == "dcn_vs_torchvision"]
     assert len(vs_tv) == 1
@@ -275,7 +278,7 @@ def test_targets_fastdeconv_and_model_rows():
 
 
 def test_targets_of_an_empty_result_are_all_not_measured():
-    rows = gpu_check.targets({"benchmarks": {"dcn": [], "fastdeconv": [], "model": None}})
+    rows = gpu_check.targets({"benchmarks": {"dcn": [], "fastdeconv": [], "model": []}})
     assert rows and all(r["measured"] is None and r["met"] is None for r in rows)
     assert {r["kind"] for r in rows} == set(gpu_check.TARGET_GOALS)
     assert len([r for r in rows if r["kind"].startswith("dcn")]) == 9   # 3 targets x fp32, TF32, bf16
@@ -312,71 +315,43 @@ def test_rows_are_labelled_by_the_op_that_reports_the_path():
     assert bench_dcn.dcn_path_that_runs(x, o, w, padding=1) == aecr_ops.deform_conv2d_path(x, o, w, padding=1) == "cpu"
 
 
-def test_failure_entries():
-    assert "unsupported" in bench_dcn.failure_entry(NotImplementedError("\"deformable_im2col\" not implemented "
-                                                                        "for 'BFloat16'"))
-    assert "unsupported" in bench_dcn.failure_entry(RuntimeError("x not implemented for 'BFloat16'"))
-    assert bench_dcn.failure_entry(RuntimeError("CUDA error: an illegal memory access")) == {
-        "error": "RuntimeError: CUDA error: an illegal memory access"}
+def test_unsupported_dtype_errors_are_told_apart_from_failures():
+    assert bench_dcn.unsupported_dtype(NotImplementedError("\"deformable_im2col\" not implemented for 'BFloat16'"))
+    assert bench_dcn.unsupported_dtype(RuntimeError("x not implemented for 'BFloat16'"))
+    assert not bench_dcn.unsupported_dtype(RuntimeError("CUDA error: an illegal memory access"))
 
 
-class Args:
-    device, warmup, repeat, tf32 = "cpu", 0, 1, False
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-
-def test_run_row_survives_a_failing_implementation_and_saves_after_each(monkeypatch):
-    base = bench_dcn.implementations()
-
-    def broken(*tensors):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    # "implicit" asked for but the simple path would run: not measured under that name
-    monkeypatch.setattr(bench_dcn, "dcn_path_that_runs", lambda *a, **k: "simple")
-    impls = {"aecr_ops_simple": (base["aecr_ops"], ("simple", False)),
-             "aecr_ops_implicit": (base["aecr_ops"], ("implicit", False)),
-             "aecr_ops_broken": (broken, ("simple", False)),
-             "conv2d": (base["conv2d"], None)}
-    saved = []
-    row = bench_dcn.run_row("1x8x8", Args("float32"), torch.float32, impls, [k for k in impls if "aecr" in k],
-                            lambda r: saved.append(json.loads(json.dumps(r))))
-    assert len(saved) == len(impls)
-    assert [sorted(k for k in s if k in impls) for s in saved] == [sorted(list(impls)[:i + 1])
-                                                                  for i in range(len(impls))]
-    assert row["aecr_ops_simple"]["path"] == "simple" and row["aecr_ops_simple"]["forward_backward_s"] > 0
-    assert row["aecr_ops_implicit"] == {"not_applicable": "not applicable: runs the simple path",
-                                        "would_run": "simple"}
-    assert "illegal memory access" in row["aecr_ops_broken"]["error"]
-    assert row["conv2d"]["forward_backward_s"] > 0
-    assert row["aecr_ops_simple"]["ratio_to_conv2d_forward_backward"] > 0
-
-
-def test_run_row_bf16_measures_torchvision_in_float32_when_it_has_no_kernel():
+def test_torchvision_runs_in_float32_where_it_has_no_kernel_for_the_dtype():
     pytest.importorskip("torchvision")
-    base = bench_dcn.implementations()
-    impls = {"aecr_ops": (base["aecr_ops"], (None, False)), "torchvision": (base["torchvision"], None),
-             "conv2d": (base["conv2d"], None)}
-    row = bench_dcn.run_row("1x8x8", Args("bfloat16"), torch.bfloat16, impls, ["aecr_ops"], lambda r: None)
-    # on the CPU neither aecr_ops nor torchvision has bfloat16: both unsupported, torchvision measured in fp32
-    assert "unsupported" in row["aecr_ops"] and "unsupported" in row["torchvision"]
-    assert "BFloat16" in row["torchvision"]["unsupported"]
-    assert row["torchvision_float32"]["forward_backward_s"] > 0
-    assert row["baseline_dtype"] == "float32" and row["torchvision_baseline"] == "torchvision_float32"
-    assert row["conv2d"]["forward_backward_s"] > 0
+    shape = bench_dcn.Shape(1, 4, 6, 6)
+    tensors, note = bench_dcn.torchvision_tensors(bench_dcn.make_problem(shape, torch.bfloat16, "cpu"))
+    assert [t.dtype for t in tensors] == [torch.float32] * 5 and "float32" in note
+    tensors, note = bench_dcn.torchvision_tensors(bench_dcn.make_problem(shape, torch.float32, "cpu"))
+    assert note is None
 
 
-def test_bench_dcn_cpu_command_line_still_works(tmp_path):
-    path = tmp_path / "dcn.json"
-    done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_dcn.py"), "--repeat", "1", "--shapes",
-                           "1x16x16", "--json", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_the_baselines_of_each_implementation():
+    assert bench_dcn.baselines_of("aecr") == ["torchvision", "conv2d"]
+    assert bench_dcn.baselines_of("aecr-implicit-deterministic") == ["torchvision", "conv2d", "aecr-implicit"]
+    assert bench_dcn.baselines_of("torchvision") == bench_dcn.baselines_of("conv2d") == []
+    assert bench_dcn.implementations("cuda")[:4] == ["aecr-simple", "aecr-simple-deterministic", "aecr-implicit",
+                                                     "aecr-implicit-deterministic"]
+
+
+def test_bench_dcn_is_a_thin_entry_point_over_the_suite(tmp_path):
+    path = tmp_path / "progress.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_dcn.py"), "--bench-size", "tiny",
+                           "--bench-device", "cpu", "-k", "forward and not backward and not scaling",
+                           "-p", "no:cacheprovider", "--bench-progress-json", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     document = json.loads(path.read_text())
     assert document["complete"] is True
-    (row,) = document["results"]
-    assert row["aecr_ops"]["path"] == "cpu" and row["aecr_ops"]["forward_backward_s"] > 0
-    assert "aecr_ops" in done.stdout and "conv2d" in done.stdout
+    assert {e["extra_info"]["impl"] for e in document["benchmarks"]} == {"aecr", "torchvision", "conv2d"}
+    (ours,) = [e for e in document["benchmarks"] if e["extra_info"]["impl"] == "aecr"]
+    assert ours["extra_info"]["path"] == "cpu" and ours["median_s"] > 0
+    assert "aecr: work, rates and ratios to the baselines" in done.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -418,9 +393,17 @@ def test_dry_run_walks_every_step_and_leaves_a_valid_json(tmp_path):
     # the test steps collected the same selections, the benchmarks wrote their JSON and targets() ran on it
     assert steps[2]["summary"]["counts"]["collected"] > 0 and steps[3]["summary"]["counts"]["collected"] > 0
     assert steps[4]["summary"]["case"]["ran"] > 0
-    assert {row["step"] for row in result["benchmarks"]["dcn"]} == {
-        "bench_dcn_float32", "bench_dcn_tf32", "bench_dcn_bfloat16"}
-    assert result["benchmarks"]["fastdeconv"] and result["benchmarks"]["model"]["complete"] is True
+    # the suite's parts: the CPU cases measured on tiny shapes, the CUDA ones (all of TF32's and bf16's) skipped
+    assert {e["step"] for e in result["benchmarks"]["dcn"]} == {"bench_dcn_float32"}
+    bench_steps = {s["name"]: s["summary"] for s in steps if s["name"].startswith("bench")}
+    assert all(s["complete"] and s["skipped"] > 0 for s in bench_steps.values())
+    assert bench_steps["bench_dcn_tf32"]["measured"] == bench_steps["bench_dcn_bfloat16"]["measured"] == 0
+    assert set(bench_steps["bench_dcn_tf32"]["skip_reasons"]) == {"needs a CUDA GPU"}
+    assert result["benchmarks"]["fastdeconv"] and result["benchmarks"]["model"]
+    assert all(e["size"] == "tiny" and e["median_s"] > 0 for e in result["benchmarks"]["model"])
+    assert {b["step"] for b in result["suite"]["benchmarks"]} == {"bench_dcn_float32", "bench_fastdeconv",
+                                                                 "bench_model"}
+    assert all("data" not in b["stats"] for b in result["suite"]["benchmarks"])
     assert any(t["measured"] is not None for t in result["targets"])
     assert any(t["kind"] == "model_training" and t["measured"] is not None for t in result["targets"])
     # what comes back from a GPU machine: at most 8 files, 16 MiB each, plain names
@@ -481,6 +464,20 @@ elif args[:2] == ["-m", "pip"]:
     assert args[2:] == ["install", "-v", "--no-build-isolation", "--no-deps", "-e", "."], args
     assert os.environ["FORCE_CUDA"] == "1" and os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0", os.environ
     print("[1/2] nvcc -c csrc/cuda/deform_conv_cuda.cu\n[2/2] c++ -shared\nSuccessfully installed aecr-0.1.0")
+elif args[:2] == ["-m", "pytest"] and "--benchmark-only" in args:
+    assert args[args.index("--bench-device") + 1] == "cuda" and "--bench-size" in args, args
+    progress = value("--bench-progress-json")
+    if "benchmarks/test_model.py" in args:   # one benchmark written, then it hangs: the benchmark must survive
+        with open(progress, "w") as f:
+            json.dump({{"complete": False, "size": "full", "benchmarks": DOCS["model"], "skipped": []}}, f)
+        time.sleep(120)
+    key = "fastdeconv" if "benchmarks/test_fastdeconv.py" in args else value("-k")
+    with open(progress, "w") as f:
+        json.dump({{"complete": True, "size": "full", "benchmarks": DOCS[key],
+                   "skipped": [{{"test": "x", "reason": "not applicable: runs the simple path"}}]}}, f)
+    with open(value("--benchmark-json"), "w") as f:
+        json.dump({{"machine_info": {{"gpu": "NVIDIA H200"}}, "benchmarks": [
+            {{"fullname": "benchmarks/x.py::" + key, "stats": {{"median": 1.0, "data": [1.0, 1.0]}}}}]}}, f)
 elif args[:2] == ["-m", "pytest"]:
     assert "-m" in args[2:] and "cuda" in args and "-rfE" in args, args
     if "tests/test_deform_conv_cuda.py" in args:
@@ -495,19 +492,6 @@ elif args[:2] == ["-m", "pytest"]:
     time.sleep(120)
 elif args[0].endswith("sanitizer_case.py"):
     print('SANITIZER_CASE_SUMMARY {{"cases": 48, "ran": 48, "skipped": 0, "failed": []}}', flush=True)
-elif args[0].endswith("bench_dcn.py"):
-    key = value("--dtype") + ("+tf32" if "--tf32" in args else "")
-    with open(value("--json"), "w") as f:
-        json.dump(DOCS[key], f)
-elif args[0].endswith("bench_fastdeconv.py"):
-    with open(value("--json"), "w") as f:
-        json.dump({{"complete": True, "results": [{{"shape": "aecr_16x3x256", "input": [16, 3, 256, 256],
-                                                    "speedup": 2.5}}]}}, f)
-elif args[0].endswith("bench_model.py"):
-    with open(value("--json"), "w") as f:   # one row written, then it hangs: the row must survive
-        json.dump({{"complete": False, "training": [{{"precision": "bf16", "paths": {{"aecr_ops_simple": "simple"}},
-                    "speedup": {{"aecr_ops_simple": 1.7}}}}], "inference": []}}, f)
-    time.sleep(120)
 else:
     sys.exit("fake python: unexpected arguments %r" % args)
 '''
@@ -536,19 +520,18 @@ print("========= ERROR SUMMARY: 0 errors")
 '''
 
 
-def fake_dcn_documents():
-    not_applicable = {"not_applicable": "not applicable: runs the simple path", "would_run": "simple"}
-    fp32 = dcn_row("float32", False, {"aecr_ops_simple": timing(2e-3, 6e-3, "simple"),
-                                      "aecr_ops_implicit": dict(not_applicable),
-                                      "torchvision": timing(5e-3, 24e-3), "conv2d": timing(1e-3, 3e-3)})
-    tf32 = dcn_row("float32", True, {"aecr_ops_simple": timing(1e-3, 4e-3, "simple"),
-                                     "aecr_ops_implicit": timing(1e-3, 5e-3, "implicit"),
-                                     "torchvision": timing(4e-3, 20e-3), "conv2d": timing(1e-3, 2e-3)})
-    bf16 = dcn_row("bfloat16", False, {"aecr_ops_simple": timing(1e-3, 3e-3, "simple"),
-                                       "torchvision": {"unsupported": "not implemented for 'BFloat16'"},
-                                       "torchvision_float32": timing(6e-3, 30e-3), "conv2d": timing(5e-4, 1e-3)})
-    return {key: {"complete": True, "results": [row]} for key, row in
-            (("float32", fp32), ("float32+tf32", tf32), ("bfloat16", bf16))}
+def fake_suite_documents():
+    """The progress files' benchmarks of the suite's parts, as a GPU run might write them: {step key: entries}."""
+    result = synthetic_result()["benchmarks"]
+    by_precision = {p: [e for e in result["dcn"] if e["extra_info"]["precision"] == p]
+                    for p in ("fp32", "tf32", "bf16")}
+    (aecrnet,) = [e for e in result["fastdeconv"] if e["extra_info"]["layer"] == "aecrnet" and
+                  e["extra_info"]["impl"] == "aecr"]
+    aecrnet["extra_info"]["speedup"] = {"original": 2.5}
+    model = [e for e in result["model"] if e["extra_info"]["precision"] == "bf16"
+             and e["extra_info"]["impl"] == "aecr-simple"]
+    model[0]["extra_info"]["speedup"] = {"baseline": 1.7}
+    return {**by_precision, "fastdeconv": [aecrnet], "model": model}
 
 
 def executable(path, text):
@@ -563,7 +546,7 @@ def test_real_mode_with_stand_in_tools_records_every_outcome(tmp_path, monkeypat
     out = tmp_path / "out"
     out.mkdir()
     fake_python = executable(bin_dir / "python3", FAKE_PYTHON.format(python=sys.executable,
-                                                                     docs=json.dumps(fake_dcn_documents())))
+                                                                     docs=json.dumps(fake_suite_documents())))
     executable(bin_dir / "compute-sanitizer", FAKE_SANITIZER.format(python=sys.executable))
     executable(bin_dir / "nvidia-smi", "#!/bin/sh\necho 'NVIDIA H200, 580.159.04, 143771 MiB'\n")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -603,9 +586,14 @@ def test_real_mode_with_stand_in_tools_records_every_outcome(tmp_path, monkeypat
     assert "Device not supported" in steps["sanitizer_synccheck"]["summary"]["unsupported"]
     assert steps["sanitizer_initcheck"]["exit_code"] is None                            # not run
     assert "--kernel-name" not in steps["sanitizer_initcheck"]["command"]
-    # the benchmark results, the partial model row included, and the targets computed from them
-    assert len(result["benchmarks"]["dcn"]) == 3
-    assert result["benchmarks"]["model"]["training"][0]["speedup"] == {"aecr_ops_simple": 1.7}
+    # the benchmark results, the model's benchmark from the part that hung included, and the targets from them
+    assert len(result["benchmarks"]["dcn"]) == 11 and {e["step"] for e in result["benchmarks"]["dcn"]} == {
+        "bench_dcn_float32", "bench_dcn_tf32", "bench_dcn_bfloat16"}
+    assert [e["extra_info"]["speedup"] for e in result["benchmarks"]["model"]] == [{"baseline": 1.7}]
+    assert steps["bench_dcn_float32"]["summary"]["skip_reasons"] == {"not applicable: runs the simple path": 1}
+    assert [b["fullname"] for b in result["suite"]["benchmarks"]] == [
+        "benchmarks/x.py::fp32", "benchmarks/x.py::tf32", "benchmarks/x.py::bf16", "benchmarks/x.py::fastdeconv"]
+    assert all("data" not in b["stats"] for b in result["suite"]["benchmarks"])
     rows = result["targets"]
     assert not [r for r in rows if r.get("config") == "float32" and r.get("path") == "implicit"]
     assert [r["measured"] for r in rows if r.get("config") == "float32+tf32" and r.get("path") == "implicit"

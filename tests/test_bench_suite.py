@@ -1,6 +1,5 @@
 """The pytest-benchmark suite in benchmarks/: ratios and rates, the summary, the plot, where runs are kept, and a
 saved run compared with the next one (tiny shapes, the CPU)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,16 +7,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
-sys.path.insert(0, BENCH)  # the suite's modules import one another by name
+from bench_modules import ROOT, load
 
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_suite_test_{name}", os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 bench_report = load("bench_report")

@@ -5,7 +5,6 @@ suite results, atomic JSON writing, the step plan's limits, bench_dcn's path lab
 The slow ones run the whole harness in --dry-run (no GPU needed) and check the JSON it leaves, also when it is
 stopped.
 """
-import importlib.util
 import json
 import math
 import os
@@ -20,16 +19,8 @@ import torch
 
 import aecr_ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "benchmarks")
-sys.path.insert(0, BENCH)  # the scripts import their shared pieces (bench_common)
+from bench_modules import BENCH, ROOT, load
 
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"_gpu_check_test_{name}", os.path.join(BENCH, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 gpu_check = load("gpu_check")

@@ -9,7 +9,7 @@ import torch
 
 from torch import nn
 
-from .architectures import arch_of, build_model, check_arch, infer_from_state_dict
+from .architectures import ARCHITECTURES, arch_of, build_model, check_arch, infer_from_state_dict
 
 FORMAT = "aecr-net-checkpoint"
 FORMAT_VERSION = 1
@@ -134,9 +134,9 @@ def read_checkpoint(path: str, map_location=None, arch: Optional[str] = None) ->
                               f"{sorted(obj)[:8]}")
     ckpt["model"] = normalise_state_dict(ckpt["model"])
     recorded = ckpt.get("arch")
-    if recorded is not None and recorded not in _known_archs():
+    if recorded is not None and recorded not in ARCHITECTURES:
         raise CheckpointError(f"{path} records the architecture {recorded!r}, which this version does not know "
-                              f"({', '.join(_known_archs())})")
+                              f"({', '.join(ARCHITECTURES)})")
     if recorded is not None and arch is not None and arch != recorded:
         raise CheckpointError(f"{path} holds a {recorded!r} network, not {arch!r} (leave out the architecture: "
                               f"the file names its own)")
@@ -150,10 +150,6 @@ def read_checkpoint(path: str, map_location=None, arch: Optional[str] = None) ->
     ckpt["config"] = {**inferred, **ckpt.get("config", {})}
     return ckpt
 
-
-def _known_archs():
-    from .architectures import ARCHITECTURES
-    return tuple(ARCHITECTURES)
 
 
 def load_checkpoint(path: str, map_location: Optional[Any] = None, arch: Optional[str] = None) -> nn.Module:

@@ -4,11 +4,20 @@ import torch
 from .deform_conv import output_size
 
 
+def _result_format(input):
+    """The memory format of deform_conv2d's output and input gradient: channels-last on the CPU when the input is
+    (as F.conv2d decides, by at::Tensor::suggest_memory_format), contiguous otherwise (CUDA's kernels)."""
+    if input.device.type == "cpu" and torch._prims_common.suggest_memory_format(input) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.library.register_fake("aecr_ops::deform_conv2d")
 def _deform_conv2d_fake(input, weight, offset, mask, bias, stride, padding, dilation, groups, offset_groups):
     out_h = output_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     out_w = output_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
+    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w)).contiguous(
+        memory_format=_result_format(input))
 
 
 @torch.library.register_fake("aecr_ops::deform_conv2d_backward")
@@ -18,7 +27,7 @@ def _deform_conv2d_backward_fake(grad_output, input, weight, offset, mask, strid
     def none():  # a new one for each: the outputs must not alias
         return input.new_empty((0,))
 
-    return (input.new_empty(input.shape) if needs_input else none(),
+    return (input.new_empty(input.shape).contiguous(memory_format=_result_format(input)) if needs_input else none(),
             weight.new_empty(weight.shape) if needs_weight else none(),
             offset.new_empty(offset.shape) if needs_offset else none(),
             mask.new_empty(mask.shape) if mask is not None and needs_mask else none(),

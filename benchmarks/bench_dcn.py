@@ -7,7 +7,10 @@ of a few pixels. Implementations share one signature, fn(x, offset, weight, bias
 - aecr: aecr_ops.deform_conv2d (on CUDA once per path and backward: aecr-simple, aecr-simple-deterministic,
   aecr-implicit, aecr-implicit-deterministic);
 - torchvision: torchvision.ops.deform_conv2d, the baseline;
-- conv2d: F.conv2d of the same shape (offset and mask unused), the floor a deformable convolution cannot beat.
+- conv2d: F.conv2d of the same shape (offset and mask unused), the floor a deformable convolution cannot beat;
+- onnxruntime: ONNX Runtime's DeformConv (opset 19, bench_onnxruntime.py), in the CPU forward groups only (it has
+  no backward); its session and numpy inputs are made once per problem (implementation_for), and its output is
+  checked against aecr's before it is timed (max_abs_diff_vs_aecr).
 
     python benchmarks/bench_dcn.py [pytest options]        # this part of the suite (pytest --benchmark-only)
 """
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 import aecr_ops
 from bench_runtime import aecr_variants
 
-BASELINES = ("torchvision", "conv2d")
+BASELINES = ("torchvision", "conv2d")  # in every group
+ONNXRUNTIME = "onnxruntime"  # in the CPU forward groups
 PASSES = ("forward", "forward+backward")
 TENSORS = ("input", "offset", "weight", "bias", "mask")
 
@@ -103,25 +107,55 @@ def conv2d(x, offset, weight, bias, mask):
 
 
 def implementation(name):
-    """The function of an implementation name (any of aecr's variants is aecr_ops.deform_conv2d)."""
+    """The function of an implementation name (any of aecr's variants is aecr_ops.deform_conv2d); onnxruntime's
+    needs its problem: implementation_for."""
     if name.startswith("aecr"):
         return aecr
     return {"torchvision": torchvision_dcn, "conv2d": conv2d}[name]
 
 
-def implementations(device):
-    """aecr's variants on this device, then the baselines."""
-    return [*aecr_variants(device), *BASELINES]
+def implementation_for(name, tensors):
+    """The function of an implementation name, to be called on these tensors: for onnxruntime, a session and its
+    numpy inputs made for them once (bench_onnxruntime), so that a call is session.run alone."""
+    if name != ONNXRUNTIME:
+        return implementation(name)
+    from bench_onnxruntime import deform_conv2d_for
+    return deform_conv2d_for(tensors, padding=1)
 
 
-def baselines_of(name):
-    """What an implementation is compared with: aecr with torchvision and conv2d, a deterministic variant also
-    with its default; the baselines with nothing."""
+def max_abs_diff_vs_aecr(name, fn, tensors):
+    """max |fn - aecr| on these tensors, after asserting that they agree (fp32: within 1e-4 of aecr's output
+    scale, rtol 1e-4); where they do not, an AssertionError names the implementation and says by how much."""
+    with torch.no_grad():
+        expected, actual = aecr(*tensors), fn(*tensors)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * scale, msg=lambda details: (
+        f"{name} disagrees with aecr_ops.deform_conv2d (output scale {scale:.3g}): {details}"))
+    return (actual - expected).abs().max().item()
+
+
+def baselines(direction=None, device=None):
+    """The baselines timed in the groups of this pass and device: torchvision and conv2d, and in CPU forward
+    groups onnxruntime (it has no backward, and the suite runs it on the CPU only). Without a pass and device:
+    the baselines of every group."""
+    if direction == "forward" and device == "cpu":
+        return (*BASELINES, ONNXRUNTIME)
+    return BASELINES
+
+
+def implementations(device, direction=None):
+    """aecr's variants on this device, then the baselines of this pass's groups."""
+    return [*aecr_variants(device), *baselines(direction, device)]
+
+
+def baselines_of(name, direction=None, device=None):
+    """What an implementation is compared with in a group of this pass and device: aecr with the group's
+    baselines, a deterministic variant also with its default; the baselines with nothing."""
     if not name.startswith("aecr"):
         return []
     if name.endswith("-deterministic"):
-        return [*BASELINES, name[:-len("-deterministic")]]
-    return list(BASELINES)
+        return [*baselines(direction, device), name[:-len("-deterministic")]]
+    return list(baselines(direction, device))
 
 
 def dcn_path_that_runs(input, offset, weight, mask=None, stride=1, padding=0, dilation=1):

@@ -1,18 +1,22 @@
 """The scaling plot: median time against work (GFLOP), log-log, drawn with Pillow.
 
-One panel per sweep (batch, channels, image size) and per device and precision; in each, one line per
-implementation, and dashed beside it the line of slope 1 through its smallest problem: where an
-implementation's line bends away from its dashed line, its cost has stopped growing linearly with the work
-(above: it grows faster, e.g. out of cache; below: fixed overheads still dominate).
+One panel per sweep (batch, channels, image size: the columns) and per device, precision and pass (forward,
+forward+backward: the rows); in each, one line per implementation (onnxruntime in the CPU forward panels only),
+and dashed beside it the line of slope 1 through its smallest problem: where an implementation's line bends away
+from its dashed line, its cost has stopped growing linearly with the work (above: it grows faster, e.g. out of
+cache; below: fixed overheads still dominate).
 """
 import math
 
 PANEL = (440, 330)
 MARGIN = {"left": 64, "right": 14, "top": 30, "bottom": 42}
 HEADER = 44
-COLOURS = {"aecr": (31, 90, 180), "torchvision": (222, 110, 20), "conv2d": (40, 150, 60)}
+COLOURS = {"aecr": (31, 90, 180), "torchvision": (222, 110, 20), "conv2d": (40, 150, 60),
+           "onnxruntime": (200, 30, 60)}
 OTHER = (120, 60, 160)
 GRID = (225, 225, 225)
+# The pass of a sweep's entry that does not say: runs saved before the forward sweeps timed forward+backward only.
+DEFAULT_PASS = "forward+backward"
 
 
 def tick_label(seconds):
@@ -27,14 +31,14 @@ def colour(impl):
 
 
 def sweep_panels(entries):
-    """{(device, precision, sweep): {"label": text, "lines": {impl: [(gflop, seconds), ...]}}} of the entries that
-    belong to a sweep, in the order they ran."""
+    """{(device, precision, pass, sweep): {"label": text, "lines": {impl: [(gflop, seconds), ...]}}} of the entries
+    that belong to a sweep, in the order they ran."""
     panels = {}
     for entry in entries:
         info = entry["extra_info"]
         if not info.get("sweep") or not info.get("gflop") or entry["median_s"] <= 0:
             continue
-        key = (info["device"], info["precision"], info["sweep"])
+        key = (info["device"], info["precision"], info.get("pass", DEFAULT_PASS), info["sweep"])
         panel = panels.setdefault(key, {"label": info.get("sweep_label", info["sweep"]), "lines": {}})
         panel["lines"].setdefault(info["impl"], []).append((info["gflop"], entry["median_s"]))
     return panels
@@ -111,8 +115,8 @@ def write_scaling_plot(entries, path, title):
     panels = sweep_panels(entries)
     if not panels:
         return False
-    rows = list(dict.fromkeys((device, precision) for device, precision, _ in panels))
-    columns = list(dict.fromkeys(sweep for _, _, sweep in panels))
+    rows = list(dict.fromkeys(key[:3] for key in panels))
+    columns = list(dict.fromkeys(key[3] for key in panels))
     image = Image.new("RGB", (PANEL[0] * len(columns), HEADER + PANEL[1] * len(rows)), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 6), title, fill="black")
@@ -123,8 +127,8 @@ def write_scaling_plot(entries, path, title):
         draw.text((x + 20, 25), impl, fill="black")
         x += 30 + 7 * len(impl)
     draw.text((x + 10, 25), "dashed: linear in the work from the smallest problem", fill="black")
-    for (device, precision, sweep), panel in panels.items():
-        origin = (PANEL[0] * columns.index(sweep), HEADER + PANEL[1] * rows.index((device, precision)))
-        draw_panel(draw, origin, f"{device} {precision}: {panel['label']}", panel["lines"])
+    for (device, precision, direction, sweep), panel in panels.items():
+        origin = (PANEL[0] * columns.index(sweep), HEADER + PANEL[1] * rows.index((device, precision, direction)))
+        draw_panel(draw, origin, f"{device} {precision} {direction}: {panel['label']}", panel["lines"])
     image.save(path)
     return True

@@ -129,8 +129,8 @@ def pytest_sessionfinish(session):
         where = machine["gpu"] or f"{machine['cpu_model']}, {machine['cpu_count']} cores"
         path = bench_machine.plot_path(str(json_path))
         try:
-            if bench_plot.write_scaling_plot(entries, path, f"DCN forward+backward, median time against work "
-                                             f"(log-log); {where}; torch {machine['torch']}"):
+            if bench_plot.write_scaling_plot(entries, path, f"DCN forward and forward+backward, median time "
+                                             f"against work (log-log); {where}; torch {machine['torch']}"):
                 config._aecr_plot = path
         except OSError as error:  # the JSON matters more than its plot
             config._aecr_plot = f"not written: {error}"

@@ -1,14 +1,22 @@
-// deform_conv2d's algorithm, written once for the CPU and for CUDA's default ("simple") path: for each chunk (of
-// images, or of the pixels of one image when an image's columns exceed the budget), the columns [C*K, width] are
-// sampled from the input and multiplied by the weight (at::mm: MKL, cuBLAS); in the backward the column gradient
-// W^T grad_out is scattered back to the input, reduced per sampling site into the offset and mask gradients, and
-// (turned back into the columns) multiplied by grad_out for the weight gradient. The backward does only the work
-// of the gradients asked for (DeformConvGrads).
+// deform_conv2d's algorithms, written once over device kernel classes.
 //
-// The per-element work is a kernel class (cpu/deform_conv_cpu.cpp; cuda/deform_conv_kernels.cuh, which the CUDA
-// build and the CPU emulator of tests/cuda_emulation both use). For one chunk c (ColumnChunk: n images, a pixel
-// range of each), with offset, mask (optional), input and the gradients narrowed to the chunk's images, all
-// contiguous:
+// 1. Column chunks (CUDA's default, "simple", path): for each chunk (of images, or of the pixels of one image when
+//    an image's columns exceed the budget), the columns [C*K, width] are sampled from the input and multiplied by
+//    the weight (at::mm: cuBLAS); in the backward the column gradient W^T grad_out is scattered back to the input,
+//    reduced per sampling site into the offset and mask gradients, and (turned back into the columns) multiplied
+//    by grad_out for the weight gradient.
+// 2. Pixel tiles of channels-last rows (the CPU): the input is read channels-last ([B, H, W, C]), so that a
+//    bilinear corner is one contiguous row of channels. The output pixels are cut into tiles whose column rows
+//    [pixels, C*K] fit in the cache (TilePlan); each tile is sampled and at once multiplied by the packed weight
+//    [C_out, K*C/groups] into its output rows, so the columns never travel to main memory. The backward runs the
+//    same tiles over chunks of rows within a budget: the tile's column gradient (grad_out rows x packed weight),
+//    the offset and mask gradients from it while it is in cache, then per chunk the input-gradient scatter and
+//    one weight-gradient GEMM.
+// Both do only the work of the gradients asked for (DeformConvGrads).
+//
+// The per-element work is a kernel class. Column chunks (cuda/deform_conv_kernels.cuh, which the CUDA build and
+// the CPU emulator of tests/cuda_emulation both use): for one chunk c (ColumnChunk: n images, a pixel range of
+// each), with offset, mask (optional), input and the gradients narrowed to the chunk's images, all contiguous:
 //
 //   int64_t column_budget(const at::TensorOptions&) const   elements of one chunk's column buffer
 //   at::Tensor workspace(int64_t numel, const at::TensorOptions&) const
@@ -17,6 +25,24 @@
 //   void offset_mask_grad(s, c, input, offset, mask, columns, grad_offset, grad_mask) const
 //        reads the column gradient from `columns` and leaves the columns themselves there; either gradient
 //        may be absent (std::nullopt)
+//
+// Pixel tiles (cpu/deform_conv_cpu.cpp), over a RowsInput (channels-last features, offset, mask):
+//
+//   int64_t tile_budget(const at::TensorOptions&) const      elements of one tile's column rows
+//   int64_t column_budget(const at::TensorOptions&) const    elements of one backward chunk's buffers together
+//   at::Tensor workspace(int64_t numel, const at::TensorOptions&) const
+//   void for_each_tile(plan, first, end, scratch_numel, options, body) const
+//        calls body(i, scratch) for the tiles i in [first, end) of the plan, in parallel where it can, each call
+//        with `scratch_numel` elements of its own
+//   void sample_rows(s, layout, input, tile, columns) const            columns [tile.pixels, layout.row]
+//   void add_bias(out, bias, rows) const
+//        adds the bias to a tile's output: rows [pixels, C_out] (rows) or columns [C_out, pixels]
+//   void sampling_grad_rows(s, layout, input, tile, grad_columns, columns, grad_offset, grad_mask) const
+//        offset and mask gradients from the tile's column gradient rows; its column rows too when `columns` is
+//        given; either gradient may be absent
+//   void scatter_rows(s, layout, input, plan, first, end, grad_columns, grad_features) const
+//        the input gradient of the tiles [first, end) from their column-gradient rows (the chunk's), added
+//        into grad_features (channels-last)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,6 +50,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "aecr/deform_conv.h"
 #include "deform_conv_args.h"
@@ -145,6 +172,229 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       }
     }
   });
+  return result();
+}
+
+// ---- Pixel tiles of channels-last rows ------------------------------------------------------------------------
+
+// Channels of one offset group within one weight group: the input channels [channel, channel + count) of offset
+// group `group` go to the columns [column + k * tap_stride, + count) of a pixel's row, for tap k.
+struct ChannelRun {
+  int64_t group, channel, count, column;
+};
+
+// A pixel's column row: [groups][K][C / groups] (weight group, tap, channel), so that weight group g's columns
+// [g * group_columns, (g + 1) * group_columns) meet the packed weight's rows of that group.
+struct RowLayout {
+  int64_t row, tap_stride, group_columns;
+  std::vector<ChannelRun> runs;      // by offset group, then channel
+  std::vector<int64_t> tap_h, tap_w;  // each tap's place in the kernel window: i * dilation_h, j * dilation_w
+};
+
+inline RowLayout row_layout(const DeformConvShape& s, int64_t groups) {
+  RowLayout layout;
+  layout.tap_stride = s.channels / groups;
+  layout.group_columns = s.taps() * layout.tap_stride;
+  layout.row = groups * layout.group_columns;
+  for (int64_t k = 0; k < s.taps(); ++k) {
+    layout.tap_h.push_back(k / s.kernel_w * s.dilation_h);
+    layout.tap_w.push_back(k % s.kernel_w * s.dilation_w);
+  }
+  const int64_t cpg = s.channels_per_offset_group();
+  for (int64_t g = 0; g < s.offset_groups; ++g) {
+    for (int64_t c = g * cpg; c < (g + 1) * cpg;) {
+      const int64_t weight_group = c / layout.tap_stride;
+      const int64_t end = std::min((g + 1) * cpg, (weight_group + 1) * layout.tap_stride);
+      layout.runs.push_back(
+          ChannelRun{g, c, end - c, weight_group * layout.group_columns + (c - weight_group * layout.tap_stride)});
+      c = end;
+    }
+  }
+  return layout;
+}
+
+// The weight as rows [C_out, K * C / groups] in the column rows' order (tap, then channel).
+inline at::Tensor packed_weight(const at::Tensor& weight) {
+  return weight.permute({0, 2, 3, 1}).contiguous().view({weight.size(0), -1});
+}
+
+// The packed weight's gradient [C_out, K * C / groups] back in the weight's shape [C_out, C / groups, kh, kw].
+inline at::Tensor unpacked_weight(const at::Tensor& packed, const at::Tensor& weight) {
+  return packed.view({weight.size(0), weight.size(2), weight.size(3), weight.size(1)}).permute({0, 3, 1, 2})
+      .contiguous();
+}
+
+// Output pixels [pixel_begin, pixel_begin + pixels) of image b; row() is the first one's row in [B * P] order.
+struct PixelTile {
+  int64_t b, pixel_begin, pixels;
+};
+
+// Tiles of `tile_pixels` pixels of one image each (an image's last may be shorter), numbered image by image.
+struct TilePlan {
+  int64_t tile_pixels, tiles_per_image, batch, image_pixels;
+
+  int64_t count() const { return batch * tiles_per_image; }
+  PixelTile tile(int64_t i) const {
+    const int64_t b = i / tiles_per_image, p0 = (i % tiles_per_image) * tile_pixels;
+    return PixelTile{b, p0, std::min(tile_pixels, image_pixels - p0)};
+  }
+  int64_t row(int64_t i) const {  // the first row of tile i (end: the rows of every tile before i)
+    return i >= count() ? batch * image_pixels : (i / tiles_per_image) * image_pixels + (i % tiles_per_image) * tile_pixels;
+  }
+};
+
+// Tiles whose column rows [pixels, row] fit `budget` elements, a multiple of 16 pixels (GEMMs of at least 16
+// rows) unless the image has fewer. The plan depends on the shape only, never on the thread count, so every
+// result is summed in the same order whatever the thread count.
+inline TilePlan plan_tiles(const DeformConvShape& s, int64_t batch, int64_t row, int64_t budget) {
+  const int64_t P = s.pixels();
+  int64_t pixels = std::max<int64_t>(16, budget / std::max<int64_t>(1, row) / 16 * 16);
+  pixels = std::min(pixels, P);
+  return TilePlan{pixels, (P + pixels - 1) / pixels, batch, P};
+}
+
+// What the tiles read: channels-last features [B, H, W, C] (as an NCHW-shaped tensor with channels-last
+// strides), offset and mask contiguous.
+struct RowsInput {
+  at::Tensor features, offset;
+  std::optional<at::Tensor> mask;
+};
+
+// Whether deform_conv2d's output and input gradient are channels-last: when the input is (as F.conv2d decides).
+inline bool channels_last_result(const at::Tensor& input) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// [B, C, H, W] tensor t as rows [B * H * W, C] (t channels-last).
+inline at::Tensor as_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+
+template <class K>
+at::Tensor deform_conv2d_forward_rows(const K& kernels, const DeformConvShape& s, const at::Tensor& input,
+                                      const at::Tensor& weight, const at::Tensor& offset,
+                                      const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                                      int64_t groups) {
+  const RowsInput in{input.contiguous(at::MemoryFormat::ChannelsLast), offset.contiguous(), contiguous(mask)};
+  const int64_t batch = input.size(0), out_channels = weight.size(0), og_out = out_channels / groups;
+  const bool direct = channels_last_result(input);
+  at::Tensor output = at::empty({batch, out_channels, s.out_height, s.out_width},
+                                input.options().memory_format(direct ? at::MemoryFormat::ChannelsLast
+                                                                     : at::MemoryFormat::Contiguous));
+  if (output.numel() == 0) return output;
+  const RowLayout layout = row_layout(s, groups);
+  const at::Tensor packed = packed_weight(weight);
+  const std::optional<at::Tensor> bias_ = contiguous(bias);
+  // The GEMM writes straight into the output: a tile's rows [pixels, C_out] of a channels-last one, its columns
+  // [C_out, pixels] of each image's [C_out, P] otherwise.
+  const at::Tensor out_rows = direct ? as_rows(output) : output.view({batch, out_channels, s.pixels()});
+  const TilePlan plan = plan_tiles(s, batch, layout.row, kernels.tile_budget(input.options()));
+  kernels.for_each_tile(plan, 0, plan.count(), plan.tile_pixels * layout.row, input.options(),
+                        [&](int64_t i, const at::Tensor& mine) {
+    const PixelTile t = plan.tile(i);
+    const at::Tensor columns = mine.narrow(0, 0, t.pixels * layout.row).view({t.pixels, layout.row});
+    kernels.sample_rows(s, layout, in, t, columns);
+    const at::Tensor rows = direct ? out_rows.narrow(0, plan.row(i), t.pixels)
+                                   : out_rows[t.b].narrow(1, t.pixel_begin, t.pixels);
+    for (int64_t g = 0; g < groups; ++g) {
+      const at::Tensor w = packed.narrow(0, g * og_out, og_out);
+      const at::Tensor x = columns.narrow(1, g * layout.group_columns, layout.group_columns);
+      if (direct) {
+        at::Tensor dst = rows.narrow(1, g * og_out, og_out);
+        at::mm_out(dst, x, w.t());
+      } else {
+        at::Tensor dst = rows.narrow(0, g * og_out, og_out);
+        at::mm_out(dst, w, x.t());
+      }
+    }
+    if (bias_.has_value()) kernels.add_bias(rows, *bias_, direct);
+  });
+  return output;
+}
+
+// (grad_input, grad_weight, grad_offset, grad_mask, grad_bias) as deform_conv2d_backward, over pixel tiles. The
+// input gradient is channels-last when the input is.
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_rows(
+    const K& kernels, const DeformConvShape& s, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& offset, const std::optional<at::Tensor>& mask_, int64_t groups,
+    const DeformConvGrads& needed) {
+  const RowsInput in{input.contiguous(at::MemoryFormat::ChannelsLast), offset.contiguous(), contiguous(mask_)};
+  const int64_t batch = input.size(0), out_channels = weight.size(0), og_out = out_channels / groups;
+  const auto none = [&] { return at::empty({0}, input.options()); };  // a new one for each: outputs must not alias
+
+  at::Tensor grad_features = needed.input ? at::zeros_like(in.features) : none();
+  at::Tensor grad_offset = needed.offset ? at::zeros_like(in.offset) : none();
+  at::Tensor grad_mask = needed.mask ? at::zeros_like(*in.mask) : none();
+  at::Tensor grad_packed = needed.weight ? at::zeros({out_channels, weight.numel() / out_channels}, weight.options())
+                                         : none();
+  const at::Tensor grad_bias = needed.bias ? grad_output.sum({0, 2, 3}) : none();
+  const auto result = [&] {
+    at::Tensor grad_input = grad_features;
+    if (needed.input && !channels_last_result(input)) grad_input = grad_features.contiguous();
+    return std::make_tuple(grad_input, needed.weight ? unpacked_weight(grad_packed, weight) : grad_packed,
+                           grad_offset, grad_mask, grad_bias);
+  };
+  if (batch == 0 || grad_output.numel() == 0 || !(needed.column_grad() || needed.weight)) return result();
+
+  const RowLayout layout = row_layout(s, groups);
+  const at::Tensor packed = packed_weight(weight);
+  const at::Tensor gout = as_rows(grad_output.contiguous(at::MemoryFormat::ChannelsLast));
+  const TilePlan plan = plan_tiles(s, batch, layout.row, kernels.tile_budget(input.options()));
+  // Per chunk of tiles: the column-gradient rows (for the input gradient) and the column rows (for the weight
+  // gradient) of all its tiles; a tile keeps in its scratch what the chunk does not need.
+  const int64_t kept = int64_t(needed.input) + int64_t(needed.weight);
+  const int64_t chunk_tiles = std::max<int64_t>(
+      1, kept == 0 ? plan.count()
+                   : kernels.column_budget(input.options()) / (kept * plan.tile_pixels * layout.row));
+  const int64_t chunk_rows = std::min(chunk_tiles * plan.tile_pixels, batch * s.pixels());
+  const at::Tensor buffer = kernels.workspace(kept * chunk_rows * layout.row, input.options());
+  const at::Tensor grad_columns_all =
+      needed.input ? buffer.narrow(0, 0, chunk_rows * layout.row).view({chunk_rows, layout.row}) : at::Tensor();
+  const at::Tensor columns_all =
+      needed.weight ? buffer.narrow(0, (kept - 1) * chunk_rows * layout.row, chunk_rows * layout.row)
+                          .view({chunk_rows, layout.row})
+                    : at::Tensor();
+  const int64_t tile_columns = plan.tile_pixels * layout.row;
+  const std::optional<at::Tensor> grad_offset_ =
+      needed.offset ? std::optional<at::Tensor>(grad_offset) : std::nullopt;
+  const std::optional<at::Tensor> grad_mask_ = needed.mask ? std::optional<at::Tensor>(grad_mask) : std::nullopt;
+
+  for (int64_t first = 0; first < plan.count(); first += chunk_tiles) {
+    const int64_t end = std::min(plan.count(), first + chunk_tiles);
+    const int64_t row0 = plan.row(first), rows = plan.row(end) - row0;
+    kernels.for_each_tile(plan, first, end, tile_columns, input.options(), [&](int64_t i, const at::Tensor& mine) {
+      const PixelTile t = plan.tile(i);
+      const int64_t r = plan.row(i) - row0;
+      const at::Tensor own = mine.narrow(0, 0, t.pixels * layout.row).view({t.pixels, layout.row});
+      const std::optional<at::Tensor> columns =
+          needed.weight ? std::optional<at::Tensor>(columns_all.narrow(0, r, t.pixels)) : std::nullopt;
+      if (!needed.column_grad()) {  // the weight gradient alone: the columns, no column gradient
+        kernels.sample_rows(s, layout, in, t, *columns);
+        return;
+      }
+      at::Tensor grad_columns = needed.input ? grad_columns_all.narrow(0, r, t.pixels) : own;
+      const at::Tensor gout_tile = gout.narrow(0, plan.row(i), t.pixels);
+      for (int64_t g = 0; g < groups; ++g) {  // the column gradient grad_out W, per weight group
+        at::Tensor dst = grad_columns.narrow(1, g * layout.group_columns, layout.group_columns);
+        at::mm_out(dst, gout_tile.narrow(1, g * og_out, og_out), packed.narrow(0, g * og_out, og_out));
+      }
+      if (needed.sampling()) {
+        kernels.sampling_grad_rows(s, layout, in, t, grad_columns, columns, grad_offset_, grad_mask_);
+      } else if (needed.weight) {
+        kernels.sample_rows(s, layout, in, t, *columns);
+      }
+    });
+    if (needed.input) {
+      kernels.scatter_rows(s, layout, in, plan, first, end, grad_columns_all.narrow(0, 0, rows), grad_features);
+    }
+    if (needed.weight) {
+      const at::Tensor gout_chunk = gout.narrow(0, row0, rows), columns = columns_all.narrow(0, 0, rows);
+      for (int64_t g = 0; g < groups; ++g) {
+        grad_packed.narrow(0, g * og_out, og_out)
+            .addmm_(gout_chunk.narrow(1, g * og_out, og_out).t(),
+                    columns.narrow(1, g * layout.group_columns, layout.group_columns));
+      }
+    }
+  }
   return result();
 }
 

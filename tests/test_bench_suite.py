@@ -1,19 +1,21 @@
-"""The pytest-benchmark suite in benchmarks/: ratios and rates, the summary, the plot, where runs are kept, and a
-saved run compared with the next one (tiny shapes, the CPU)."""
+"""The pytest-benchmark suite in benchmarks/: ratios and rates, the summary, the plot, ONNX Runtime's DeformConv
+baseline, where runs are kept, and a saved run compared with the next one (tiny shapes, the CPU)."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench_modules import ROOT, load
-
-
 
 bench_report = load("bench_report")
 bench_plot = load("bench_plot")
 bench_machine = load("bench_machine")
+bench_dcn = load("bench_dcn")
+bench_onnxruntime = load("bench_onnxruntime")
 
 
 def entry(impl, median, group="g", shape="1x8x8x8", **info):
@@ -72,10 +74,128 @@ def test_the_scaling_plot_has_a_panel_per_sweep_and_device(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_the_scaling_plot_has_a_row_per_pass_and_onnxruntime_in_the_forward_row_only(tmp_path):
+    from PIL import Image
+    forward = [{**sweep_entry(impl, g, t * g, sweep), "group": f"forward {sweep}"} for sweep in ("batch", "size")
+               for impl, t in (("aecr", 1e-2), ("onnxruntime", 3e-2)) for g in (0.1, 0.4)]
+    for e in forward:
+        e["extra_info"]["pass"] = "forward"
+    backward = [sweep_entry("aecr", g, 1e-1 * g, sweep) for sweep in ("batch", "size") for g in (0.1, 0.4)]
+    path = tmp_path / "plot.png"
+    assert bench_plot.write_scaling_plot(forward + backward, str(path), "title")
+    top = bench_plot.HEADER + bench_plot.PANEL[1]
+    with Image.open(path) as image:
+        assert image.size == (2 * bench_plot.PANEL[0], bench_plot.HEADER + 2 * bench_plot.PANEL[1])
+        forward_row = {c for _, c in image.crop((0, bench_plot.HEADER, image.width, top)).getcolors(1 << 20)}
+        backward_row = {c for _, c in image.crop((0, top, image.width, image.height)).getcolors(1 << 20)}
+    assert bench_plot.COLOURS["onnxruntime"] in forward_row and bench_plot.COLOURS["aecr"] in forward_row
+    assert bench_plot.COLOURS["onnxruntime"] not in backward_row and bench_plot.COLOURS["aecr"] in backward_row
+    keys = list(bench_plot.sweep_panels(forward + backward))
+    assert keys[0] == ("cpu", "fp32", "forward", "batch") and ("cpu", "fp32", "forward+backward", "size") in keys
+
+
 def test_ticks_are_decades_and_their_halves_and_fifths_over_short_ranges():
     assert bench_plot.decade_ticks(-1.1, 0.9) == [0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
     assert bench_plot.decade_ticks(-3.2, 1.5) == [0.001, 0.01, 0.1, 1.0, 10.0]
     assert [bench_plot.tick_label(v) for v in (2e-6, 5e-4, 0.02, 3.0)] == ["2 us", "500 us", "20 ms", "3 s"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX Runtime's DeformConv, a baseline of the CPU forward groups
+
+def has_onnxruntime():
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def needs_onnxruntime():
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+
+
+def grouped_problem():
+    """x [2, 8, 9, 11], 2 weight groups (6 outputs), 2 offset groups, stride 2, dilation (1, 2): [2, 6, 5, 5]."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 9, 11, generator=g)
+    offset = 1.5 * torch.randn(2, 2 * 2 * 9, 5, 5, generator=g)
+    weight, bias = torch.randn(6, 4, 3, 3, generator=g), torch.randn(6, generator=g)
+    return x, offset, weight, bias, torch.rand(2, 2 * 9, 5, 5, generator=g)
+
+
+def test_onnxruntime_agrees_with_aecr_with_offset_groups_weight_groups_stride_and_dilation():
+    needs_onnxruntime()
+    import aecr_ops
+    geometry = dict(stride=2, padding=1, dilation=(1, 2))
+    tensors = grouped_problem()
+    fn = bench_onnxruntime.deform_conv2d_for(tensors, groups=2, offset_groups=2, **geometry)
+    expected = aecr_ops.deform_conv2d(*tensors[:4], mask=tensors[4], **geometry)
+    assert expected.shape == (2, 6, 5, 5)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(fn(*tensors), expected, rtol=1e-4, atol=1e-4 * scale)
+    # other tensors of the same shapes: converted at the call, not the arrays made for the first ones
+    others = [t.flip(-1).contiguous() for t in tensors]
+    torch.testing.assert_close(fn(*others), aecr_ops.deform_conv2d(*others[:4], mask=others[4], **geometry),
+                               rtol=1e-4, atol=1e-4 * scale)
+    assert not torch.allclose(fn(*others), expected, rtol=1e-2, atol=1e-2 * scale)
+
+
+def test_the_check_against_aecr_measures_the_difference_and_fails_loudly():
+    needs_onnxruntime()
+    tensors = bench_dcn.make_problem(bench_dcn.Shape(1, 8, 8, 8), torch.float32, "cpu")
+    fn = bench_dcn.implementation_for("onnxruntime", tensors)
+    assert 0 <= bench_dcn.max_abs_diff_vs_aecr("onnxruntime", fn, tensors) < 1e-4
+    with pytest.raises(AssertionError, match="onnxruntime disagrees with aecr_ops.deform_conv2d"):
+        bench_dcn.max_abs_diff_vs_aecr("onnxruntime", lambda *t: fn(*t) * 1.01, tensors)
+
+
+def test_the_onnxruntime_session_uses_torchs_thread_count_and_does_not_spin():
+    needs_onnxruntime()
+    tensors = bench_dcn.make_problem(bench_dcn.Shape(1, 4, 6, 6), torch.float32, "cpu")
+    previous = torch.get_num_threads()
+    sessions = {}
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            sessions[threads] = bench_onnxruntime.deform_conv2d_for(tensors, padding=1).session
+            options = sessions[threads].get_session_options()
+            assert (options.intra_op_num_threads, options.inter_op_num_threads) == (threads, 1)
+            for pool in ("intra_op", "inter_op"):
+                assert options.get_session_config_entry(f"session.{pool}.allow_spinning") == "0"
+        torch.set_num_threads(1)
+        assert bench_onnxruntime.deform_conv2d_for(tensors, padding=1).session is sessions[1]  # cached
+    finally:
+        torch.set_num_threads(previous)
+    assert sessions[1] is not sessions[3]
+
+
+def test_onnxruntime_is_a_baseline_of_aecr_in_cpu_forward_groups_only():
+    assert bench_dcn.baselines_of("aecr", "forward", "cpu") == ["torchvision", "conv2d", "onnxruntime"]
+    assert bench_dcn.baselines_of("aecr", "forward+backward", "cpu") == ["torchvision", "conv2d"]
+    assert bench_dcn.baselines_of("aecr-simple", "forward", "cuda") == ["torchvision", "conv2d"]
+    assert bench_dcn.baselines_of("aecr-implicit-deterministic", "forward", "cuda")[-1] == "aecr-implicit"
+    assert bench_dcn.baselines_of("onnxruntime", "forward", "cpu") == []
+    assert bench_dcn.implementations("cpu", "forward") == ["aecr", "torchvision", "conv2d", "onnxruntime"]
+
+
+def collected_ids(*files):
+    done = subprocess.run([sys.executable, "-m", "pytest", *files, "--collect-only", "-q", "--bench-size", "tiny",
+                           "--bench-device", "all", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_onnxruntime_rows_are_generated_in_every_cpu_forward_group_and_nowhere_else():
+    ids = collected_ids("benchmarks/test_dcn.py", "benchmarks/test_dcn_scaling.py")
+    ours = sorted(i for i in ids if "onnxruntime" in i)
+    assert all("[cpu-fp32-" in i and i.endswith("-onnxruntime-forward]") for i in ours)
+    # one beside every CPU forward aecr row, of the DCN groups and of the sweeps
+    beside_aecr = sorted(i.replace("-aecr-forward]", "-onnxruntime-forward]") for i in ids
+                         if "[cpu-" in i and i.endswith("-aecr-forward]"))
+    assert ours == beside_aecr
+    assert any("test_deform_conv2d[" in i for i in ours) and any("test_deform_conv2d_scaling[" in i for i in ours)
+    assert any("[cuda-" in i for i in ids) and any(i.endswith("-forward+backward]") for i in ids)
+    # the forward+backward sweeps keep their ids (--bench-compare-last finds them in earlier runs)
+    assert "benchmarks/test_dcn_scaling.py::test_deform_conv2d_scaling[cpu-fp32-batch-1x8x8x8-aecr]" in ids
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,14 +262,18 @@ def test_a_saved_run_is_compared_with_the_next_and_a_regression_fails(tmp_path):
     assert machine["machine_kind"] == kind and machine["bench_size"] == "tiny"
     assert machine["cpu_model"] and machine["torch"] and "torchvision" in machine and "cuda" in machine
     benchmarks = document["benchmarks"]
-    assert {b["extra_info"]["impl"] for b in benchmarks} == {"aecr", "torchvision", "conv2d"}
+    onnxruntime = ["onnxruntime"] if has_onnxruntime() else []
+    assert {b["extra_info"]["impl"] for b in benchmarks} == {"aecr", "torchvision", "conv2d", *onnxruntime}
     for bench in benchmarks:
         info = bench["extra_info"]
         assert info["gflop"] > 0 and info["gflop_per_s"] > 0 and info["megapixels_per_s"] > 0
         assert info["images_per_s"] > 0 and all(isinstance(v, str) for v in bench["params"].values())
+        forward = bench["group"].startswith(("dcn forward |", "dcn scaling forward:"))
         if info["impl"] == "aecr":
-            assert set(info["speedup"]) == {"torchvision", "conv2d"}
+            assert set(info["speedup"]) == {"torchvision", "conv2d", *(onnxruntime if forward else [])}
             assert info["time_ratio"]["conv2d"] == pytest.approx(1 / info["speedup"]["conv2d"])
+        if info["impl"] == "onnxruntime":
+            assert forward and "| cpu fp32" in bench["group"] and info["max_abs_diff_vs_aecr"] < 1e-4
     assert "aecr: work, rates and ratios to the baselines" in saved.stdout
     assert "faster than torchvision" in saved.stdout or "slower than torchvision" in saved.stdout
 

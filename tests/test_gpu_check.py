@@ -339,7 +339,7 @@ def test_bench_dcn_is_a_thin_entry_point_over_the_suite(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     document = json.loads(path.read_text())
     assert document["complete"] is True
-    assert {e["extra_info"]["impl"] for e in document["benchmarks"]} == {"aecr", "torchvision", "conv2d"}
+    assert {e["extra_info"]["impl"] for e in document["benchmarks"]} == {"aecr", "torchvision", "conv2d", "onnxruntime"}
     (ours,) = [e for e in document["benchmarks"] if e["extra_info"]["impl"] == "aecr"]
     assert ours["extra_info"]["path"] == "cpu" and ours["median_s"] > 0
     assert "aecr: work, rates and ratios to the baselines" in done.stdout

@@ -87,8 +87,17 @@ AECR_HOST_DEVICE AECR_INLINE int64_t mask_index(const DeformConvShape& s, const 
   return ((t.b * s.offset_groups + t.g) * s.taps() + t.k) * s.pixels() + t.pixel;
 }
 
-// Sampling position of a site in the input plane: the regular grid position plus the learned offset.
+// Sampling position of a site in the input plane: its regular grid position (grid_h, grid_w), the tap's place
+// in the kernel window around the output pixel's, plus the learned offset.
 // (Pointer parameters are templates so that the CUDA emulator's checked pointers pass too.)
+template <typename T, typename Offset>
+AECR_HOST_DEVICE AECR_INLINE void offset_position(
+    const DeformConvShape& s, const SamplingSite& t, int64_t grid_h, int64_t grid_w, Offset offset, T& h, T& w) {
+  const int64_t o = offset_index(s, t);
+  h = static_cast<T>(grid_h) + static_cast<T>(offset[o]);
+  w = static_cast<T>(grid_w) + static_cast<T>(offset[o + s.pixels()]);
+}
+
 template <typename T, typename Offset>
 AECR_HOST_DEVICE AECR_INLINE void sampling_position(
     const DeformConvShape& s, const SamplingSite& t, Offset offset, T& h, T& w) {
@@ -96,9 +105,8 @@ AECR_HOST_DEVICE AECR_INLINE void sampling_position(
   const int64_t x = t.pixel % s.out_width;
   const int64_t i = t.k / s.kernel_w;
   const int64_t j = t.k % s.kernel_w;
-  const int64_t o = offset_index(s, t);
-  h = static_cast<T>(y * s.stride_h - s.pad_h + i * s.dilation_h) + static_cast<T>(offset[o]);
-  w = static_cast<T>(x * s.stride_w - s.pad_w + j * s.dilation_w) + static_cast<T>(offset[o + s.pixels()]);
+  offset_position<T>(s, t, y * s.stride_h - s.pad_h + i * s.dilation_h, x * s.stride_w - s.pad_w + j * s.dilation_w,
+                     offset, h, w);
 }
 
 template <typename T, typename Mask>

@@ -54,26 +54,34 @@ AECR_ROWS_TARGET inline T lane_sum(vec_t<T> v) {
   return s;
 }
 
-// dst[c] = mask * (w0 x0[c] + w1 x1[c] + w2 x2[c] + w3 x3[c]) for c < n: the column values of one run of channels.
+// mask * (w0 x0 + w1 x1 + w2 x2 + w3 x3), summed in that order: a column value, of one channel (V = T) or of a
+// vector of them.
+template <typename V>
+AECR_ROWS_TARGET inline V masked_sample(V m, V w0, V w1, V w2, V w3, V x0, V x1, V x2, V x3) {
+  V v = w0 * x0;
+  v += w1 * x1;
+  v += w2 * x2;
+  v += w3 * x3;
+  return m * v;
+}
+
+// Channel c of masked_sample at a site's corners.
+template <typename T>
+AECR_ROWS_TARGET inline T masked_sample_at(const Corners<T>& p, const T* const x[4], int64_t c) {
+  return masked_sample<T>(p.mask, p.weight[0], p.weight[1], p.weight[2], p.weight[3], x[0][c], x[1][c], x[2][c],
+                          x[3][c]);
+}
+
+// dst[c] = masked_sample at channel c for c < n: the column values of one run of channels.
 template <typename T>
 AECR_ROWS_TARGET inline void sample_run(const Corners<T>& p, const T* const x[4], T* dst, int64_t n) {
   const vec_t<T> w0 = splat(p.weight[0]), w1 = splat(p.weight[1]), w2 = splat(p.weight[2]), w3 = splat(p.weight[3]);
   const vec_t<T> m = splat(p.mask);
   int64_t c = 0;
   for (; c + kLanes<T> <= n; c += kLanes<T>) {
-    vec_t<T> v = w0 * load(x[0] + c);
-    v += w1 * load(x[1] + c);
-    v += w2 * load(x[2] + c);
-    v += w3 * load(x[3] + c);
-    store(dst + c, m * v);
+    store(dst + c, masked_sample(m, w0, w1, w2, w3, load(x[0] + c), load(x[1] + c), load(x[2] + c), load(x[3] + c)));
   }
-  for (; c < n; ++c) {
-    T v = p.weight[0] * x[0][c];
-    v += p.weight[1] * x[1][c];
-    v += p.weight[2] * x[2][c];
-    v += p.weight[3] * x[3][c];
-    dst[c] = p.mask * v;
-  }
+  for (; c < n; ++c) dst[c] = masked_sample_at<T>(p, x, c);
 }
 
 // dots[j] += sum_c g[c] x_j[c] for c < n (lanes first, then a fixed-order sum of the lanes), and, when `dst` is
@@ -92,24 +100,12 @@ AECR_ROWS_TARGET inline void corner_dots(const Corners<T>& p, const T* const x[4
     d1 += gc * x1;
     d2 += gc * x2;
     d3 += gc * x3;
-    if (dst != nullptr) {
-      vec_t<T> v = w0 * x0;
-      v += w1 * x1;
-      v += w2 * x2;
-      v += w3 * x3;
-      store(dst + c, m * v);
-    }
+    if (dst != nullptr) store(dst + c, masked_sample(m, w0, w1, w2, w3, x0, x1, x2, x3));
   }
   T s[4] = {lane_sum<T>(d0), lane_sum<T>(d1), lane_sum<T>(d2), lane_sum<T>(d3)};
   for (; c < n; ++c) {
     for (int j = 0; j < 4; ++j) s[j] += g[c] * x[j][c];
-    if (dst != nullptr) {
-      T v = p.weight[0] * x[0][c];
-      v += p.weight[1] * x[1][c];
-      v += p.weight[2] * x[2][c];
-      v += p.weight[3] * x[3][c];
-      dst[c] = p.mask * v;
-    }
+    if (dst != nullptr) dst[c] = masked_sample_at<T>(p, x, c);
   }
   for (int j = 0; j < 4; ++j) dots[j] += s[j];
 }

@@ -93,6 +93,41 @@ def test_calls_from_several_threads_share_the_workspaces_safely():
     assert aecr_ops.workspace_bytes() <= BUDGET_BYTES
 
 
+def grads_of_some(fn, tensors, grad, wanted):
+    """The output and the gradients of the tensors whose index is in `wanted` (the others need none)."""
+    leaves = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(tensors)]
+    out = fn(*leaves)
+    grads = torch.autograd.grad((out * grad).sum(), [leaves[i] for i in sorted(wanted)])
+    return [out.detach()] + list(grads)
+
+
+@pytest.mark.parametrize("wanted", [{0}, {2}, {1, 4}, {0, 1, 2, 3, 4}], ids=["input", "weight", "geometry", "all"])
+@pytest.mark.parametrize("first_mode", ["inference_mode", "grad"])
+def test_workspaces_serve_calls_in_and_out_of_inference_mode_alike(first_mode, wanted):
+    # The cached workspace outlives the call that made it: one made under inference_mode must not become an
+    # inference tensor that a later backward outside it may not write to (and the reverse order must work too).
+    case = Case(1, 8, 8, (16, 16), (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True, True)
+    tensors = case.tensors(dtype=torch.float32, seed=5)
+    grad = torch.randn(case.batch, case.out_channels, *case.out_size(), generator=torch.Generator().manual_seed(2))
+    fn = lambda x, o, w, b, m: aecr_ops.deform_conv2d(x, o, w, b, mask=m, **case.kwargs())  # noqa: E731
+    aecr_ops.release_workspaces()
+    if first_mode == "inference_mode":
+        with torch.inference_mode():
+            fn(*tensors)
+    else:
+        grads_of_some(fn, tensors, grad, wanted)
+    got = grads_of_some(fn, tensors, grad, wanted)
+    with torch.inference_mode():
+        inferred = fn(*tensors)
+    again = grads_of_some(fn, tensors, grad, wanted)
+    expected = grads_of_some(lambda x, o, w, b, m: reference.deform_conv2d(x, o, w, b, mask=m, **case.kwargs()),
+                             [t.double() for t in tensors], grad.double(), wanted)
+    for label, g, a, e in zip(["output"] + [f"grad {i}" for i in sorted(wanted)], got, again, expected):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4, msg=label)
+        torch.testing.assert_close(a, g, rtol=0, atol=0, msg=label)
+    torch.testing.assert_close(inferred, got[0], rtol=0, atol=0)
+
+
 PEAK_SCRIPT = textwrap.dedent("""
     import resource, torch, aecr_ops
     torch.manual_seed(0)

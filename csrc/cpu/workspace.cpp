@@ -7,6 +7,9 @@ namespace aecr {
 at::Tensor ColumnWorkspaces::acquire(int64_t numel, const at::TensorOptions& options, int64_t budget_bytes) {
   const int64_t bytes = numel * static_cast<int64_t>(options.dtype().itemsize());
   const std::lock_guard<std::mutex> lock(mutex_);
+  // The cached buffer outlives the call: one made (or narrowed) under inference_mode would be an inference tensor
+  // that a later call outside it may not write to. A normal tensor serves calls in and out of inference_mode.
+  const c10::InferenceMode normal_tensors(false);
   at::Tensor& slot = cached_[c10::typeMetaToScalarType(options.dtype())];
   // Every view handed out shares the slot's storage: a count of one means no call holds it.
   const bool free = slot.defined() && slot.storage().use_count() == 1;

@@ -63,12 +63,18 @@ class OnnxDehazer:
     H and W (reflection-padded to multiples of 4, cropped back, clamped to [0, 1])."""
 
     def __init__(self, path: str, threads: Optional[int] = None):
+        """threads: ONNX Runtime's intra-op threads (None: its default, one per core)."""
         ort = _require("onnxruntime")
         if not os.path.isfile(path):
             raise DataError(f"ONNX model not found: {path}")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1  # sequential execution: the inter-op pool has nothing to run
+        # ONNX Runtime's pool threads otherwise spin after each run, waiting for more work, and take the cores
+        # from whatever runs next in the process (PyTorch, in a benchmark: aecr's own call slowed down).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 

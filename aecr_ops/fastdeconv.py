@@ -330,16 +330,19 @@ class FastDeconv(nn.Module):
     def _folded_from_running(self) -> Tuple[Tensor, Tensor]:
         """The plain convolution the layer is with its running buffers; cached while nothing changes."""
         params = [self.weight] + ([self.bias] if self.bias is not None else [])
+        tensors = params + [self.running_mean, self.running_deconv]
         cacheable = not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        if not cacheable:
+        if not cacheable or any(t.is_inference() for t in tensors):  # inference tensors have no _version
             return fastdeconv_fold(self.weight, self.bias, self.running_mean, self.running_deconv, self.groups,
                                    self.num_features)
-        tensors = params + [self.running_mean, self.running_deconv]
         # Under autocast the fold's matmuls give the autocast dtype: a cache made there must not serve outside.
         device = self.weight.device.type
         autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        key = (autocast,) + tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        # A fold made under inference_mode is an inference tensor, which autograd may not save for backward: it
+        # serves inference mode only.
+        key = (autocast, torch.is_inference_mode_enabled())
+        key += tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
         if self._fold_cache is None or self._fold_cache[0] != key:
             with torch.no_grad():
                 folded = fastdeconv_fold(self.weight, self.bias, self.running_mean, self.running_deconv,

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from bench_model import INFERENCE, TRAINING, VARIANTS, Networks, dcn_path, inference, loss_of, training_step
-from bench_runtime import PRECISIONS, dcn_variant, measure, precision_mode, require_device, selected_devices, \
-    skip_unless_path
+from bench_model import INFERENCE, TRAINING, VARIANTS, Networks, dcn_path, dehaze, inference, loss_of, training_step
+from bench_runtime import PRECISIONS, ProcessCosts, dcn_variant, measure, precision_mode, require_device, \
+    selected_devices, skip_unless_path
 from bench_work import count_gflop, record_work
 
 # (task, device, problem) -> GFLOP, shared by the implementations of a problem. Counted on a copy of the network:
@@ -120,5 +120,7 @@ def test_inference(benchmark, inference_case, networks, request):
             dehazer = request.getfixturevalue("onnx_dehazer")
             run = lambda: dehazer(image)  # noqa: E731
         else:
-            run = inference(nets.of(case.impl).eval(), image, autocast)
-        measure(benchmark, run, case.device, rounds=image_size.rounds)
+            run = dehaze(nets.of(case.impl).eval(), image, autocast)
+        costs = ProcessCosts(run)
+        measure(benchmark, costs, case.device, rounds=image_size.rounds)
+        costs.record(benchmark)

@@ -229,3 +229,15 @@ def test_forward_errors():
         layer(torch.randn(4, 8, 8))
     with pytest.raises(TypeError, match="dtype"):
         layer(torch.randn(1, 4, 8, 8, dtype=torch.float64))
+
+
+def test_a_fold_cached_under_inference_mode_does_not_serve_autograd():
+    layer = aecr_ops.FastDeconv(3, 3, kernel_size=3, padding=1).eval()
+    layer.requires_grad_(False)  # frozen: the fold is cached under autograd too
+    x = torch.rand(1, 3, 8, 8)
+    with torch.inference_mode():
+        expected = layer(x)
+    xr = x.clone().requires_grad_()
+    out = layer(xr)
+    out.sum().backward()  # an inference tensor's fold could not be saved for backward
+    assert torch.equal(out.detach(), expected) and xr.grad is not None

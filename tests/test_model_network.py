@@ -72,3 +72,65 @@ def test_gradients_reach_every_parameter():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def trained_style(ngf=8, **config):
+    torch.manual_seed(0)
+    model = AECRNet(ngf=ngf, **config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        for layer in model.dcn_layers():
+            layer.dcn.conv_offset_mask.weight.normal_(0, 1e-2)
+    return model
+
+
+@pytest.mark.parametrize("config", [{}, {"share_weights": False}, {"mixup": False, "fastdeconv": False}])
+def test_the_no_grad_forward_computes_the_autograd_forwards_values(config):
+    model = trained_style(**config).eval()
+    x = torch.rand(2, 3, 24, 32)
+    with torch.no_grad():
+        fast = model(x)
+    assert fast.is_contiguous()
+    # Only the output convolution sums in another order (channels-last, see AECRNet.forward).
+    torch.testing.assert_close(fast, model(x).detach(), rtol=0, atol=1e-6)
+
+
+def test_the_fa_blocks_in_place_path_leaves_its_input_alone():
+    block = trained_style().block
+    x = torch.randn(1, 32, 12, 16)
+    kept = x.clone()
+    with torch.no_grad():
+        out = block(x)
+    assert torch.equal(x, kept) and out.data_ptr() != x.data_ptr()
+    assert torch.equal(out, block(x).detach())
+
+
+def test_the_fa_blocks_in_place_path_keeps_the_promoted_dtype_under_autocast():
+    block = trained_style().block
+    x = torch.randn(1, 32, 12, 16)  # float32 into bfloat16 convolutions: the sums are float32, as with autograd
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = block(x)
+        with torch.no_grad():
+            got = block(x)
+    assert got.dtype == expected.dtype == torch.float32
+    assert torch.equal(got, expected.detach())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_decoders_transposed_convolution_gives_nn_conv_transpose2ds_values(memory_format):
+    from aecr_model.network import ConvTranspose2d
+    torch.manual_seed(0)
+    ours = ConvTranspose2d(16, 8, kernel_size=3, stride=2, padding=1, output_padding=1)
+    theirs = torch.nn.ConvTranspose2d(16, 8, kernel_size=3, stride=2, padding=1, output_padding=1)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 10, 12).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        fast, expected = ours(x), theirs(x)
+    assert torch.equal(fast, expected)
+    assert fast.is_contiguous() or memory_format == torch.channels_last
+    assert torch.equal(ours(x).detach(), expected)  # the autograd path
+    ours.channels_last_out = True
+    with torch.no_grad():
+        kept = ours(x)
+    assert torch.equal(kept, expected) and kept.is_contiguous(memory_format=torch.channels_last)

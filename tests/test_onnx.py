@@ -138,3 +138,11 @@ def test_cli_export_and_dehaze_with_onnx(exported, tmp_path):
     b = np.asarray(Image.open(tmp_path / "p" / "photo.png"), dtype=np.int32)
     assert a.shape == (41, 59, 3) and np.abs(a - b).max() <= 1  # 8-bit rounding of nearly equal values
     assert main(["dehaze", str(tmp_path / "photo.png"), "--out", str(tmp_path / "q")]) == 2
+
+
+def test_the_session_uses_the_threads_asked_for_and_does_not_spin(exported):
+    _, path, _ = exported
+    options = OnnxDehazer(path, threads=3).session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
+    for pool in ("intra_op", "inter_op"):
+        assert options.get_session_config_entry(f"session.{pool}.allow_spinning") == "0"

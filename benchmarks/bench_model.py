@@ -40,11 +40,16 @@ class Training:
 
 @dataclasses.dataclass(frozen=True)
 class ImageSize:
-    """An inference problem; rounds: exactly that many timed calls (bench_runtime.measure), for 720p and 1080p on
-    the CPU (10 to 40 s a call); None: pytest-benchmark's calibrated rounds, at least 3."""
+    """An inference problem; rounds: exactly that many timed calls (bench_runtime.measure) after one untimed warm-up
+    call, for 720p and 1080p on the CPU (10 to 40 s a call); None: pytest-benchmark's calibrated rounds, at least
+    3 (the calibration is the warm-up)."""
     height: int
     width: int
     rounds: Optional[int] = None
+
+    @property
+    def warmup_rounds(self) -> int:
+        return 0 if self.rounds is None else 1
 
     def __str__(self):
         return f"1x3x{self.height}x{self.width}"

@@ -97,13 +97,13 @@ def synchronised(fn):
     return call
 
 
-def measure(benchmark, fn, device, rounds=None):
+def measure(benchmark, fn, device, rounds=None, warmup_rounds=0):
     """Times fn() with pytest-benchmark; returns fn's result.
 
     rounds=None: pytest-benchmark decides: one call to calibrate, then max(min_rounds, 1 s / call) timed rounds
     (--benchmark-min-rounds, --benchmark-max-time, or the test's benchmark mark), then one more call for the
-    result. rounds=N: exactly N timed calls and nothing else (pedantic mode), for calls of tens of seconds, where
-    the calibration and the extra call would triple the cost and a warm-up changes nothing measurable.
+    result. rounds=N: exactly N timed calls after warmup_rounds untimed ones and nothing else (pedantic mode), for
+    calls of tens of seconds, where the calibration and the extra call would triple the cost.
 
     On CUDA every call ends with torch.cuda.synchronize(), and the queue is drained before the first, so that a
     round lasts until the GPU has finished its work rather than until the host has queued it."""
@@ -113,27 +113,30 @@ def measure(benchmark, fn, device, rounds=None):
         torch.cuda.synchronize()
     if rounds is None:
         return benchmark(call)
-    return benchmark.pedantic(call, rounds=rounds, warmup_rounds=0, iterations=1)
+    return benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
 
 
 class ProcessCosts:
-    """Wraps fn so that each call's process costs are summed (getrusage of the whole process, every thread):
-    minor page faults and system CPU time, which the wall-clock timer alone does not explain.
-    ``record(benchmark)`` puts their means per call into its extra_info."""
+    """Wraps fn so that each completed call's process costs are summed (getrusage of the whole process, every thread):
+    minor page faults and system CPU time, which the wall-clock timer alone does not explain. The first
+    ``skip`` calls (untimed warm-ups) are not counted. ``record(benchmark)`` puts the means per counted call into
+    its extra_info."""
 
-    def __init__(self, fn):
-        self.fn, self.calls, self.minor_faults, self.system_s = fn, 0, 0, 0.0
+    def __init__(self, fn, skip=0):
+        self.fn, self.skip, self.calls, self.minor_faults, self.system_s = fn, skip, 0, 0, 0.0
 
     def __call__(self):
         import resource
         before = resource.getrusage(resource.RUSAGE_SELF)
-        try:
-            return self.fn()
-        finally:
-            after = resource.getrusage(resource.RUSAGE_SELF)
+        result = self.fn()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        if self.skip:
+            self.skip -= 1
+        else:
             self.calls += 1
             self.minor_faults += after.ru_minflt - before.ru_minflt
             self.system_s += after.ru_stime - before.ru_stime
+        return result
 
     def record(self, benchmark):
         if self.calls:

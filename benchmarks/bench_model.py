@@ -157,12 +157,12 @@ def training_step(model, optimizer, hazy, clear, cr, autocast_dtype):
     return step
 
 
-def dehaze(model, image, autocast_dtype):
+def dehaze(model, image, autocast_dtype, memory_format=None):
     """One call of aecr_model.dehaze_tensor: the model in eval mode on image [1, 3, H, W] in [0, 1]."""
     from aecr_model.inference import dehaze_tensor
 
     def run():
-        return dehaze_tensor(model, image, autocast_dtype)
+        return dehaze_tensor(model, image, autocast_dtype, memory_format=memory_format)
     return run
 
 

@@ -17,6 +17,9 @@ from bench_work import count_gflop, record_work
 # (task, device, problem) -> GFLOP, shared by the implementations of a problem. Counted on a copy of the network:
 # a count under FakeTensorMode would leave fake tensors in the layers' caches (FastDeconv's folded weight in eval).
 COUNTS = {}
+# Inference rows of the CPU in fp32 only: ONNX Runtime running the exported network, and aecr run channels-last
+# (dehaze_tensor's memory_format) against aecr in the default layout.
+CPU_FP32_ONLY = ["aecr-channels-last", "onnxruntime"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +41,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("training_case", cases, ids=str)
     if "inference_case" in metafunc.fixturenames:
         cases = [Case(d, p, image, impl) for d, p in combos for image in INFERENCE[size, d]
-                 for impl in [*VARIANTS[d], "baseline", *(["onnxruntime"] if (d, p) == ("cpu", "fp32") else [])]]
+                 for impl in [*VARIANTS[d], "baseline", *(CPU_FP32_ONLY if (d, p) == ("cpu", "fp32") else [])]]
         metafunc.parametrize("inference_case", cases, ids=str)
 
 
@@ -107,7 +110,7 @@ def test_training_step(benchmark, training_case, networks):
 @pytest.mark.benchmark(min_rounds=3)
 def test_inference(benchmark, inference_case, networks, request):
     case, image_size = inference_case, inference_case.problem
-    baselines = {"baseline": [], "onnxruntime": ["aecr"]}.get(case.impl, ["baseline"])
+    baselines = {"baseline": [], "onnxruntime": ["aecr"], "aecr-channels-last": ["aecr"]}.get(case.impl, ["baseline"])
     autocast, path = prepare(benchmark, case, "inference", baselines)
     nets = networks(case.device)
     g = torch.Generator().manual_seed(2)
@@ -121,6 +124,8 @@ def test_inference(benchmark, inference_case, networks, request):
         if case.impl == "onnxruntime":
             dehazer = request.getfixturevalue("onnx_dehazer")
             run = lambda: dehazer(image)  # noqa: E731
+        elif case.impl == "aecr-channels-last":
+            run = dehaze(nets.ours.eval(), image, autocast, memory_format=torch.channels_last)
         else:
             run = dehaze(nets.of(case.impl).eval(), image, autocast)
         costs = ProcessCosts(run, skip=image_size.warmup_rounds)

@@ -31,14 +31,17 @@ TENSORS = ("input", "offset", "weight", "bias", "mask")
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """A DCN problem: batch x channels (in = out) x height x width."""
+    """A DCN problem: batch x channels (in = out) x height x width, with a mask or not, in offset groups."""
     batch: int
     channels: int
     height: int
     width: int
+    mask: bool = True
+    offset_groups: int = 1
 
     def __str__(self):
-        return f"{self.batch}x{self.channels}x{self.height}x{self.width}"
+        extra = ("" if self.mask else "-nomask") + ("" if self.offset_groups == 1 else f"-og{self.offset_groups}")
+        return f"{self.batch}x{self.channels}x{self.height}x{self.width}{extra}"
 
 
 # The forward and forward+backward groups: on the CPU the shapes of the DCN issue, on CUDA AECR-Net's DCN layer
@@ -54,6 +57,14 @@ GRADIENT_SHAPES = {
     ("tiny", "cuda"): Shape(1, 8, 8, 8),
     ("full", "cpu"): Shape(1, 256, 64, 64),
     ("full", "cuda"): Shape(16, 256, 64, 64),
+}
+# The forward of the shapes a user of AECR-Net or of a detection neck runs, against ONNX Runtime, conv2d and
+# torchvision: 32 to 512 channels, 32 x 32 to a 1080p image at quarter resolution, without a mask, in offset groups.
+USER_SHAPES = {
+    "full": [Shape(1, 32, 32, 32), Shape(1, 32, 270, 480), Shape(1, 512, 32, 32), Shape(1, 512, 64, 64),
+             Shape(1, 64, 64, 64, mask=False), Shape(1, 256, 64, 64, mask=False),
+             Shape(1, 256, 64, 64, offset_groups=4), Shape(2, 128, 100, 152, offset_groups=2), Shape(4, 256, 32, 32)],
+    "tiny": [Shape(1, 8, 8, 8, mask=False), Shape(1, 8, 8, 8, offset_groups=2)],
 }
 # name -> which of (input, offset, weight, bias, mask) require grad. autograd asks the backward op for exactly
 # those gradients, and the kernels skip the others' work.
@@ -82,15 +93,16 @@ SWEEPS = {
 
 
 def make_problem(shape, dtype, device, seed=0):
-    """(x, offset, weight, bias, mask), drawn on the CPU so that every device and dtype sees the same values."""
+    """(x, offset, weight, bias, mask), drawn on the CPU so that every device and dtype sees the same values; the
+    mask is None for a shape without one."""
     g = torch.Generator().manual_seed(seed)
-    b, c, h, w = shape.batch, shape.channels, shape.height, shape.width
+    b, c, h, w, og = shape.batch, shape.channels, shape.height, shape.width, shape.offset_groups
     x = torch.randn(b, c, h, w, generator=g)
     weight = torch.randn(c, c, 3, 3, generator=g) / (c * 9) ** 0.5
     bias = torch.randn(c, generator=g)
-    offset = 2.0 * torch.randn(b, 18, h, w, generator=g)
-    mask = torch.rand(b, 9, h, w, generator=g)
-    return [t.to(device=device, dtype=dtype) for t in (x, offset, weight, bias, mask)]
+    offset = 2.0 * torch.randn(b, 18 * og, h, w, generator=g)
+    mask = torch.rand(b, 9 * og, h, w, generator=g) if shape.mask else None
+    return [None if t is None else t.to(device=device, dtype=dtype) for t in (x, offset, weight, bias, mask)]
 
 
 def aecr(x, offset, weight, bias, mask):
@@ -120,7 +132,8 @@ def implementation_for(name, tensors):
     if name != ONNXRUNTIME:
         return implementation(name)
     from bench_onnxruntime import deform_conv2d_for
-    return deform_conv2d_for(tensors, padding=1)
+    offset_groups = tensors[1].shape[1] // (2 * tensors[2].shape[2] * tensors[2].shape[3])
+    return deform_conv2d_for(tensors, padding=1, offset_groups=offset_groups)
 
 
 def max_abs_diff_vs_aecr(name, fn, tensors):

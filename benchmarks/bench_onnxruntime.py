@@ -9,7 +9,7 @@ A one-node ONNX model per problem, built with onnx.helper, run by an onnxruntime
     mask    [B, offset_groups * kh * kw, Ho, Wo]
     -> Y    [B, C_out, Ho, Wo],  Ho = (H + 2 * pad_h - (dil_h * (kh - 1) + 1)) // stride_h + 1  (Wo alike)
 
-Bias and mask are required (every problem of the suite has both). Sessions are cached per problem (shapes, dtype,
+Bias is required (every problem of the suite has one); without a mask (None) the node has four inputs. Sessions are cached per problem (shapes, dtype,
 stride, padding, dilation, groups, offset groups) and thread count; onnx and onnxruntime are imported only here,
 when a session is first made, so the rest of the suite runs without them.
 """
@@ -27,14 +27,17 @@ def pair(value):
 
 
 def deform_conv_model(shapes, dtype, stride, padding, dilation, groups, offset_groups):
-    """The ONNX model of one DeformConv node; shapes are those of (x, offset, weight, bias, mask)."""
+    """The ONNX model of one DeformConv node; shapes are those of (x, offset, weight, bias, mask), the mask's None
+    where there is none."""
     import numpy as np
     from onnx import helper
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    inputs = [helper.make_tensor_value_info(name, elem, shape) for name, shape in zip(INPUTS, shapes)]
+    inputs = [helper.make_tensor_value_info(name, elem, shape) for name, shape in zip(INPUTS, shapes)
+              if shape is not None]
     output = helper.make_tensor_value_info("Y", elem, None)
     (ph, pw), kernel = padding, list(shapes[2][2:])
-    node = helper.make_node("DeformConv", list(NODE_INPUTS), ["Y"], kernel_shape=kernel, pads=[ph, pw, ph, pw],
+    node_inputs = [name for name in NODE_INPUTS if name != "mask" or shapes[4] is not None]
+    node = helper.make_node("DeformConv", node_inputs, ["Y"], kernel_shape=kernel, pads=[ph, pw, ph, pw],
                             strides=list(stride), dilations=list(dilation), group=groups,
                             offset_group=offset_groups)
     graph = helper.make_graph([node], "deform_conv", inputs, [output])
@@ -63,8 +66,9 @@ def session_for(shapes, dtype, stride, padding, dilation, groups, offset_groups,
 
 
 def arrays_of(tensors):
-    """{input name: numpy array} of CPU tensors (x, offset, weight, bias, mask); the arrays share their memory."""
-    return {name: t.detach().numpy() for name, t in zip(INPUTS, tensors)}
+    """{input name: numpy array} of CPU tensors (x, offset, weight, bias, mask; the mask may be None, then left
+    out); the arrays share their memory."""
+    return {name: t.detach().numpy() for name, t in zip(INPUTS, tensors) if t is not None}
 
 
 def deform_conv2d_for(tensors, stride=1, padding=0, dilation=1, groups=1, offset_groups=1):
@@ -72,7 +76,7 @@ def deform_conv2d_for(tensors, stride=1, padding=0, dilation=1, groups=1, offset
     threads, for the problem of `tensors` (x, offset, weight, bias, mask: CPU tensors, as bench_dcn.make_problem
     makes them). Their numpy arrays are made here, once: a call with these same tensors is session.run alone;
     other tensors (of the same shapes) are converted at the call. fn.session is its session."""
-    shapes = tuple(tuple(t.shape) for t in tensors)
+    shapes = tuple(None if t is None else tuple(t.shape) for t in tensors)
     dtype = str(tensors[0].dtype).removeprefix("torch.")
     session = session_for(shapes, dtype, pair(stride), pair(padding), pair(dilation), groups, offset_groups,
                           torch.get_num_threads())

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from bench_dcn import (GRADIENT_SHAPES, GRADIENT_SUBSETS, ONNXRUNTIME, PASSES, SHAPES, TENSORS, Shape, aecr,
-                       baselines_of, conv2d, dcn_path_that_runs, forward_backward, implementation_for,
+from bench_dcn import (GRADIENT_SHAPES, GRADIENT_SUBSETS, ONNXRUNTIME, PASSES, SHAPES, TENSORS, USER_SHAPES, Shape,
+                       aecr, baselines_of, conv2d, dcn_path_that_runs, forward_backward, implementation_for,
                        implementations, make_problem, max_abs_diff_vs_aecr, pass_of, torchvision_tensors)
 from bench_runtime import (PRECISIONS, aecr_variants, dcn_variant, dtype_of, measure, precision_mode,
                            require_device, selected_devices, skip_unless_path)
@@ -27,11 +27,14 @@ class Case:
 
 def dcn_cases(devices, size):
     """(case, pass) of every forward and forward+backward group, an implementation's passes one after the other.
-    The forward groups have every implementation; onnxruntime, last, has no forward+backward."""
+    The forward groups have every implementation; onnxruntime, last, has no forward+backward. Then the CPU's
+    forward groups of USER_SHAPES, in fp32."""
     return [(Case(device, precision, shape, impl), direction) for device in devices
             for precision in PRECISIONS[device] for shape in SHAPES[size, device]
             for impl in implementations(device, "forward") for direction in PASSES
-            if impl in implementations(device, direction)]
+            if impl in implementations(device, direction)] + [
+        (Case("cpu", "fp32", shape, impl), "forward") for shape in USER_SHAPES[size] if "cpu" in devices
+        for impl in implementations("cpu", "forward")]
 
 
 def pytest_generate_tests(metafunc):

@@ -31,6 +31,7 @@
 //   int64_t tile_budget(const at::TensorOptions&) const      elements of one tile's column rows
 //   int64_t column_budget(const at::TensorOptions&) const    elements of one backward chunk's buffers together
 //   at::Tensor workspace(int64_t numel, const at::TensorOptions&) const
+//   at::Tensor relaid(t, memory_format) const                t.contiguous(memory_format), done faster
 //   void for_each_tile(plan, first, end, scratch_numel, options, body) const
 //        calls body(i, scratch) for the tiles i in [first, end) of the plan, in parallel where it can, each call
 //        with `scratch_numel` elements of its own
@@ -243,13 +244,23 @@ struct TilePlan {
   }
 };
 
-// Tiles whose column rows [pixels, row] fit `budget` elements, a multiple of 16 pixels (GEMMs of at least 16
-// rows) unless the image has fewer. The plan depends on the shape only, never on the thread count, so every
-// result is summed in the same order whatever the thread count.
+// Tiles of about `budget` elements of column rows [pixels, row] each, but of at least kMinTilePixels pixels (the
+// GEMM library packs the whole weight for every tile: a tile of few rows, as a budget of 512 channels leaves,
+// spent more time packing than multiplying), and at least kMinTiles of them in the batch where an image has the
+// pixels (so that the threads share the work evenly), all of one size, a multiple of 16 pixels unless the image
+// has fewer. The plan depends on the shape only, never on the thread count, so every result is summed in the same
+// order whatever the thread count.
+constexpr int64_t kMinTilePixels = 128;
+constexpr int64_t kMinTiles = 8;
+
 inline TilePlan plan_tiles(const DeformConvShape& s, int64_t batch, int64_t row, int64_t budget) {
   const int64_t P = s.pixels();
-  int64_t pixels = std::max<int64_t>(16, budget / std::max<int64_t>(1, row) / 16 * 16);
-  pixels = std::min(pixels, P);
+  const int64_t wanted = std::min(P, std::max(kMinTilePixels, budget / std::max<int64_t>(1, row) / 16 * 16));
+  int64_t tiles = (P + wanted - 1) / wanted;
+  if (tiles * batch < kMinTiles) {
+    tiles = std::min((kMinTiles + batch - 1) / batch, std::max<int64_t>(1, P / 16));
+  }
+  const int64_t pixels = std::min(P, ((P + tiles - 1) / tiles + 15) / 16 * 16);
   return TilePlan{pixels, (P + pixels - 1) / pixels, batch, P};
 }
 
@@ -273,7 +284,7 @@ at::Tensor deform_conv2d_forward_rows(const K& kernels, const DeformConvShape& s
                                       const at::Tensor& weight, const at::Tensor& offset,
                                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
                                       int64_t groups) {
-  const RowsInput in{input.contiguous(at::MemoryFormat::ChannelsLast), offset.contiguous(), contiguous(mask)};
+  const RowsInput in{kernels.relaid(input, at::MemoryFormat::ChannelsLast), offset.contiguous(), contiguous(mask)};
   const int64_t batch = input.size(0), out_channels = weight.size(0), og_out = out_channels / groups;
   const bool direct = channels_last_result(input);
   at::Tensor output = at::empty({batch, out_channels, s.out_height, s.out_width},
@@ -317,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const K& kernels, const DeformConvShape& s, const at::Tensor& grad_output, const at::Tensor& input,
     const at::Tensor& weight, const at::Tensor& offset, const std::optional<at::Tensor>& mask_, int64_t groups,
     const DeformConvGrads& needed) {
-  const RowsInput in{input.contiguous(at::MemoryFormat::ChannelsLast), offset.contiguous(), contiguous(mask_)};
+  const RowsInput in{kernels.relaid(input, at::MemoryFormat::ChannelsLast), offset.contiguous(), contiguous(mask_)};
   const int64_t batch = input.size(0), out_channels = weight.size(0), og_out = out_channels / groups;
   const auto none = [&] { return at::empty({0}, input.options()); };  // a new one for each: outputs must not alias
 
@@ -329,7 +340,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const at::Tensor grad_bias = needed.bias ? grad_output.sum({0, 2, 3}) : none();
   const auto result = [&] {
     at::Tensor grad_input = grad_features;
-    if (needed.input && !channels_last_result(input)) grad_input = grad_features.contiguous();
+    if (needed.input && !channels_last_result(input)) {
+      grad_input = kernels.relaid(grad_features, at::MemoryFormat::Contiguous);
+    }
     return std::make_tuple(grad_input, needed.weight ? unpacked_weight(grad_packed, weight) : grad_packed,
                            grad_offset, grad_mask, grad_bias);
   };
@@ -337,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 
   const RowLayout layout = row_layout(s, groups);
   const at::Tensor packed = packed_weight(weight);
-  const at::Tensor gout = as_rows(grad_output.contiguous(at::MemoryFormat::ChannelsLast));
+  const at::Tensor gout = as_rows(kernels.relaid(grad_output, at::MemoryFormat::ChannelsLast));
   const TilePlan plan = plan_tiles(s, batch, layout.row, kernels.tile_budget(input.options()));
   // Per chunk of tiles: the column-gradient rows (for the input gradient) and the column rows (for the weight
   // gradient) of all its tiles; a tile keeps in its scratch what the chunk does not need.

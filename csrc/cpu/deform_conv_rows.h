@@ -19,13 +19,17 @@ struct Lanes;
 template <>
 struct Lanes<float> {
   typedef float type __attribute__((vector_size(AECR_ROWS_BYTES)));
+  typedef int32_t index __attribute__((vector_size(AECR_ROWS_BYTES)));
 };
 template <>
 struct Lanes<double> {
   typedef double type __attribute__((vector_size(AECR_ROWS_BYTES)));
+  typedef int64_t index __attribute__((vector_size(AECR_ROWS_BYTES)));
 };
 template <typename T>
 using vec_t = typename Lanes<T>::type;
+template <typename T>
+using index_t = typename Lanes<T>::index;
 template <typename T>
 constexpr int64_t kLanes = AECR_ROWS_BYTES / sizeof(T);
 
@@ -216,6 +220,48 @@ AECR_ROWS_TARGET void scatter_block(const RowsProblem<T>& pr, const TilePlan& pl
         scatter_run<T>(p, out, grows + q * layout.row + k * layout.tap_stride, c_end - c_begin);
       }
     }
+  }
+}
+
+// One stage of a register transpose of the L x L block r[0..L) (L = kLanes): rows a and a + H (a & H == 0) swap
+// their off-diagonal H x H blocks. Stages H = L/2, L/4, ..., 1 transpose the block.
+template <typename T, int64_t H>
+AECR_ROWS_TARGET inline void swap_blocks(vec_t<T>* r) {
+  constexpr int64_t L = kLanes<T>;
+  index_t<T> low, high;
+  for (int64_t k = 0; k < L; ++k) {
+    low[k] = (k & H) ? L + k - H : k;
+    high[k] = (k & H) ? L + k : k + H;
+  }
+  for (int64_t a = 0; a < L; ++a) {
+    if (a & H) continue;
+    const vec_t<T> x = r[a], y = r[a + H];
+    r[a] = __builtin_shuffle(x, y, low);
+    r[a + H] = __builtin_shuffle(x, y, high);
+  }
+  if constexpr (H > 1) swap_blocks<T, H / 2>(r);
+}
+
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols: a block of planes changing memory
+// format ([C, pixels] to [pixels, C] or back), by register transposes of L x L blocks and scalar edges.
+template <typename T>
+AECR_ROWS_TARGET void transpose(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t rows,
+                                int64_t cols) {
+  constexpr int64_t L = kLanes<T>;
+  const int64_t full_rows = rows / L * L, full_cols = cols / L * L;
+  for (int64_t i = 0; i < full_rows; i += L) {
+    for (int64_t j = 0; j < full_cols; j += L) {
+      vec_t<T> r[L];
+      for (int64_t a = 0; a < L; ++a) r[a] = load(src + (i + a) * src_stride + j);
+      if constexpr (L > 1) swap_blocks<T, L / 2>(r);
+      for (int64_t a = 0; a < L; ++a) store(dst + (j + a) * dst_stride + i, r[a]);
+    }
+    for (int64_t j = full_cols; j < cols; ++j) {
+      for (int64_t a = 0; a < L; ++a) dst[j * dst_stride + i + a] = src[(i + a) * src_stride + j];
+    }
+  }
+  for (int64_t i = full_rows; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
   }
 }
 

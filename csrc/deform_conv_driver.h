@@ -21,7 +21,8 @@
 //   int64_t column_budget(const at::TensorOptions&) const   elements of one chunk's column buffer
 //   at::Tensor workspace(int64_t numel, const at::TensorOptions&) const
 //   void im2col(s, c, input, offset, mask, columns) const
-//   void input_grad(s, c, offset, mask, grad_columns, grad_input) const      adds into grad_input
+//   void input_grad(s, c, offset, mask, grad_columns, grad_input) const
+//        adds into grad_input, of the accumulation type (fp32 for fp16 / bf16)
 //   void offset_mask_grad(s, c, input, offset, mask, columns, grad_offset, grad_mask) const
 //        reads the column gradient from `columns` and leaves the columns themselves there; either gradient
 //        may be absent (std::nullopt)
@@ -139,6 +140,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const int64_t rows = s.channels * s.taps();
   const ChunkPlan plan = plan_chunks(s, batch, kernels.column_budget(input.options()));
   const at::Tensor buffer = kernels.workspace(rows * plan.images * plan.pixels, input.options());
+  // The input gradient is summed in the accumulation type: for fp16 / bf16 in one fp32 buffer of a chunk's images
+  // (at most the column budget / K elements), which each of their pixel chunks adds into and which is rounded into
+  // grad_input once, after their last.
+  const at::ScalarType input_acc = at::toOpMathType(input.scalar_type());
+  const bool low_input = needed.input && input_acc != input.scalar_type();
+  at::Tensor input_sum = low_input ? at::zeros({plan.images, s.channels, s.height, s.width},
+                                               input.options().dtype(input_acc))
+                                   : at::Tensor();
   for_each_chunk(s, batch, plan, [&](int64_t b0, const ColumnChunk& c) {
     at::Tensor columns = buffer.narrow(0, 0, rows * c.width()).view({rows, c.width()});
     const at::Tensor gout =
@@ -152,7 +161,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         at::Tensor dst = columns.narrow(0, g * ck, ck);
         at::mm_out(dst, w[g].t(), gout.narrow(0, g * og_out, og_out));
       }
-      if (needed.input) kernels.input_grad(s, c, offset_n, mask_n, columns, grad_input.narrow(0, b0, c.images));
+      if (needed.input) {
+        kernels.input_grad(s, c, offset_n, mask_n, columns,
+                           low_input ? input_sum.narrow(0, 0, c.images) : grad_input.narrow(0, b0, c.images));
+        if (low_input && c.pixel_begin + c.pixels == P) {  // the images' last pixel chunk
+          grad_input.narrow(0, b0, c.images).copy_(input_sum.narrow(0, 0, c.images));
+          if (b0 + c.images < batch) input_sum.zero_();
+        }
+      }
       if (needed.sampling()) {
         kernels.offset_mask_grad(s, c, input_n, offset_n, mask_n, columns,
                                  needed.offset ? std::optional<at::Tensor>(grad_offset.narrow(0, b0, c.images))

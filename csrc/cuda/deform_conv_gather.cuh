@@ -41,13 +41,15 @@ __global__ void __launch_bounds__(kThreads, 1) scatter_entries_kernel(DeformConv
 }
 
 // Step 2 (after a stable sort of the keys): one thread per input cell sums its entries in sorted order and adds
-// the sum to the cell (an image cut in pixel chunks gets one sum per chunk, in chunk order).
+// the sum to the cell of `grad_input`, of the accumulation type (an image cut in pixel chunks gets one sum per
+// chunk, in chunk order).
 template <typename V>
 __global__ void __launch_bounds__(kThreads, 1) gather_entries_kernel(DeformConvShape s, ColumnChunk chunk,
                                                                   Global<const int64_t> order,
                                                                   Global<const int64_t> cell_start,
                                                                   Global<const at::opmath_type<V>> weights,
-                                                                  Global<const V> grad_columns, Global<V> grad_input) {
+                                                                  Global<const V> grad_columns,
+                                                                  Global<at::opmath_type<V>> grad_input) {
   using T = at::opmath_type<V>;
   const int64_t cpg = s.channels_per_offset_group();
   AECR_GRID_STRIDE_LOOP(i, 0, chunk.images * s.channels * s.plane()) {
@@ -61,12 +63,13 @@ __global__ void __launch_bounds__(kThreads, 1) gather_entries_kernel(DeformConvS
       const SamplingSite t = site_from_index(s, chunk, entry / 4);
       acc += static_cast<T>(weights[entry]) * static_cast<T>(grad_columns[column_index(s, chunk, c, t.k, t.b, t.pixel)]);
     }
-    if (cell_start[key] < cell_start[key + 1]) grad_input[i] = static_cast<V>(static_cast<T>(grad_input[i]) + acc);
+    if (cell_start[key] < cell_start[key + 1]) grad_input[i] = static_cast<T>(grad_input[i]) + acc;
   }
 }
 
-// Adds into grad_input (the chunk's n images, [n, C, H, W]) the scatter of the chunk's column gradient
-// [C*K, width]; offset and mask are the chunk's images'. `launch` as in cuda_launcher.cuh.
+// Adds into grad_input (the chunk's n images, [n, C, H, W], of the accumulation type: fp32 for fp16 / bf16) the
+// scatter of the chunk's column gradient [C*K, width]; offset and mask are the chunk's images'. `launch` as in
+// cuda_launcher.cuh.
 template <typename V, class L>
 void deterministic_input_grad(const L& launch, const DeformConvShape& s, const ColumnChunk& chunk,
                               const at::Tensor& offset, const std::optional<at::Tensor>& mask,
@@ -82,9 +85,10 @@ void deterministic_input_grad(const L& launch, const DeformConvShape& s, const C
   const at::Tensor cells = at::arange(n * s.offset_groups * s.plane() + 1, index_options);
   const at::Tensor cell_start = at::searchsorted(std::get<0>(sorted), cells);
   const at::Tensor order = std::get<1>(sorted);
+  TORCH_INTERNAL_ASSERT(grad_input.scalar_type() == c10::CppTypeToScalarType<T>::value);
   launch(gather_entries_kernel<V>, dim3(grid_for(grad_input.numel())), dim3(kThreads), s, chunk,
          device_ptr<const int64_t>(order), device_ptr<const int64_t>(cell_start), device_ptr<const T>(weights),
-         device_ptr<const V>(grad_columns), device_ptr<V>(grad_input));
+         device_ptr<const V>(grad_columns), device_ptr<T>(grad_input));
 }
 
 }  // namespace

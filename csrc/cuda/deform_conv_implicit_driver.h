@@ -120,6 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_
     if (needed.column_grad() && deterministic && needed.input) {  // column-gradient chunks, as in the simple path
       const ChunkPlan chunks = plan_chunks(s, batch, column_budget);
       const at::Tensor columns = at::empty({s.channels * K * chunks.images * chunks.pixels}, input.options());
+      // Summed in fp32 (a chunk's images, as in deform_conv_driver.h), rounded once after their last pixel chunk.
+      at::Tensor input_sum = at::zeros({chunks.images, s.channels, s.height, s.width}, float_options);
       for_each_chunk(s, batch, chunks, [&](int64_t b0, const ColumnChunk& c) {
         const at::Tensor chunk_columns = columns.narrow(0, 0, s.channels * K * c.width());
         const int64_t n_begin = b0 * P + c.pixel_begin;
@@ -127,8 +129,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_
                q, n_begin, n_begin + c.width(), device_ptr<const V>(x), device_ptr<const V>(offset),
                optional_ptr<const V>(mask), device_ptr<const V>(w), device_ptr<const V>(grad_output),
                Global<float>(nullptr), device_ptr<V>(chunk_columns), b0, c, partial_ptr);
+        const at::Tensor sum = input_sum.narrow(0, 0, c.images);
         deterministic_input_grad<V>(launch, s, c, offset.narrow(0, b0, c.images), images(mask, b0, c.images),
-                                    chunk_columns, grad_input.narrow(0, b0, c.images));
+                                    chunk_columns, sum);
+        if (c.pixel_begin + c.pixels == P) {
+          grad_input.narrow(0, b0, c.images).copy_(sum);
+          if (b0 + c.images < batch) input_sum.zero_();
+        }
       });
     } else if (needed.column_grad()) {
       const at::Tensor acc = needed.input ? at::zeros({batch, s.height, s.width, s.channels}, float_options)

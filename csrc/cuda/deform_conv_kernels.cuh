@@ -4,7 +4,7 @@
 // aecr/deform_conv.h.
 //
 // Coordinates, bilinear weights and sums are in at::opmath_type (fp32 for fp16/bf16). The input gradient is a
-// scatter: by default with atomics into an fp32 (fp64) buffer; in deterministic mode with a sort of the scatter
+// scatter into the driver's accumulator of that type: by default with atomics; in deterministic mode with a sort of the scatter
 // targets and a gather in fixed order (deform_conv_gather.cuh), which gives bitwise reproducible results.
 #pragma once
 
@@ -92,23 +92,21 @@ struct GpuDeformConvKernels {
     });
   }
 
+  // Adds the chunk's input gradient into `grad_input`, of the accumulation type (fp32 for fp16 / bf16: the
+  // driver's accumulator).
   void input_grad(const DeformConvShape& s, const ColumnChunk& c, const at::Tensor& offset,
                   const std::optional<at::Tensor>& mask, const at::Tensor& grad_columns, at::Tensor grad_input) const {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, offset.scalar_type(), "deform_conv2d_backward_cuda", [&] {
       using V = scalar_t;
       using T = at::opmath_type<V>;
+      TORCH_INTERNAL_ASSERT(grad_input.scalar_type() == c10::CppTypeToScalarType<T>::value);
       if (deterministic) {
         deterministic_input_grad<V>(launch, s, c, offset, mask, grad_columns, grad_input);
         return;
       }
-      // fp16 / bf16 planes are summed in fp32.
-      at::Tensor acc = std::is_same<T, V>::value
-                           ? grad_input
-                           : at::zeros(grad_input.sizes(), grad_input.options().dtype(c10::CppTypeToScalarType<T>::value));
       launch(col2im_atomic_kernel<V, T>, dim3(grid_for(c.sites(s))), dim3(kThreads), s, c,
              device_ptr<const V>(offset), optional_ptr<const V>(mask), device_ptr<const V>(grad_columns),
-             device_ptr<T>(acc));
-      if (!std::is_same<T, V>::value) grad_input.add_(acc);  // the image's earlier pixel chunks are there
+             device_ptr<T>(grad_input));
     });
   }
 

@@ -1,0 +1,85 @@
+"""Review R1: the fp16 / bf16 input gradient of the CUDA paths is summed in float32 across the pixel chunks of an
+image and rounded to the dtype once, from one accumulator per backward (not a fresh whole-image buffer for every
+chunk, added into the low-precision gradient chunk by chunk).
+
+The problem is built so that every term is exact: integer weights and grad_output (the column gradient is a small
+integer), offsets in quarter pixels and a mask in quarters (bilinear weights in sixteenths). Each cell's sum is
+then exact in float32, and summed in float32 the gradient is exactly the float64 reference rounded once; a sum
+rounded to the dtype after each chunk is not.
+"""
+import pytest
+import torch
+
+from aecr_ops import reference
+from dcn_cases import Case
+
+pytestmark = pytest.mark.slow
+
+CASE = Case(3, 6, 3, (9, 11), (3, 3), (1, 1), (1, 1), (1, 1), 1, 2, True, False)
+ALL_GRADS = (True, True, True, True, True)
+
+
+def exact_problem(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, c, (h, w), k = CASE.batch, CASE.in_channels, CASE.size, 9
+    og = CASE.offset_groups
+    x = torch.randn(b, c, h, w, generator=g)
+    weight = torch.randint(-7, 8, (CASE.out_channels, c, 3, 3), generator=g).double()
+    offset = torch.randint(-8, 9, (b, 2 * og * k, h, w), generator=g).double() / 4
+    mask = torch.randint(0, 5, (b, og * k, h, w), generator=g).double() / 4
+    grad = torch.randint(-7, 8, (b, CASE.out_channels, h, w), generator=g).double()
+    return [t.to(dtype) for t in (x, offset, weight, mask, grad)]
+
+
+def chunk_budget(pieces):
+    """A column budget that cuts each image into `pieces` pixel chunks."""
+    h, w = CASE.size
+    return CASE.in_channels * 9 * ((h * w + pieces - 1) // pieces)
+
+
+def reference_input_grad(x, offset, weight, mask, grad):
+    xd = x.double().requires_grad_(True)
+    out = reference.deform_conv2d(xd, offset.double(), weight.double(), None, mask=mask.double(), **CASE.kwargs())
+    (gx,) = torch.autograd.grad((out * grad.double()).sum(), [xd])
+    return gx
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path,deterministic", [("simple", False), ("simple", True), ("implicit", False),
+                                                ("implicit", True)])
+def test_pixel_chunked_input_gradient_is_summed_in_float32_and_rounded_once(emulated, dtype, path, deterministic):
+    x, offset, weight, mask, grad = exact_problem(dtype)
+    geometry = [list(CASE.stride), list(CASE.padding), list(CASE.dilation), 1, CASE.offset_groups]
+    expected = reference_input_grad(x, offset, weight, mask, grad)
+    rounded = expected.to(dtype)
+    assert not torch.equal(rounded.double(), expected), "the problem must need a rounding at the end"
+    for pieces in (1, 4):
+        gi = emulated.dcn_backward(grad, x, weight, offset, mask, *geometry, path, deterministic, chunk_budget(pieces),
+                                   ALL_GRADS)[0]
+        assert gi.dtype == dtype
+        wrong = (gi != rounded).sum().item()
+        assert wrong == 0, f"{wrong} of {gi.numel()} elements differ from the exact sum rounded once ({pieces} chunks)"
+
+
+def allocations(fn):
+    """Sizes in bytes of every CPU allocation fn makes (the emulated kernels' tensors are CPU tensors)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+
+
+def test_pixel_chunked_bf16_backward_allocates_one_float32_accumulator(emulated):
+    x, offset, weight, mask, grad = exact_problem(torch.bfloat16)
+    geometry = [list(CASE.stride), list(CASE.padding), list(CASE.dilation), 1, CASE.offset_groups]
+    pieces = 6
+    budget = chunk_budget(pieces)
+
+    def backward():
+        emulated.dcn_backward(grad, x, weight, offset, mask, *geometry, "simple", False, budget, ALL_GRADS)
+
+    sizes = allocations(backward)
+    image_fp32 = CASE.in_channels * CASE.size[0] * CASE.size[1] * 4
+    assert sizes.count(image_fp32) == 1, f"{sizes.count(image_fp32)} float32 image buffers for {pieces} chunks"
+    # Everything else the backward allocates: its outputs, one column buffer within the budget, and small tensors.
+    outputs = sum(t.numel() * t.element_size() for t in (x, weight, offset, mask)) + 4 * weight.numel()
+    assert sum(sizes) <= outputs + 2 * budget * 2 + image_fp32 + 64 * 1024, sizes

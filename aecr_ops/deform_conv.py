@@ -19,15 +19,22 @@ def check_deform_conv2d_args(input, offset, weight, bias, mask, stride, padding,
     """Checks the arguments of deform_conv2d; returns (groups, offset_groups)."""
     _checks.tensor(input, "input", 4, _OP)
     # Under autocast the op's autocast kernel casts the tensors to one dtype first.
-    autocast = torch.is_autocast_enabled(input.device.type)
+    try:
+        autocast = torch.is_autocast_enabled(input.device.type)
+    except RuntimeError:  # a device type without autocast (meta)
+        autocast = False
     if not autocast:
         _checks.floating_dtype(input, "input", _OP)
     _checks.tensor(offset, "offset", 4, _OP)
     _checks.tensor(weight, "weight", 4, _OP)
     _checks.tensor(mask, "mask", 4, _OP, optional=True)
     _checks.tensor(bias, "bias", 1, _OP, optional=True)
+    # offset and mask (the sampling geometry) may be float32 beside float16 / bfloat16 features, as torchvision
+    # takes them and autocast keeps them.
+    low = input.dtype in (torch.float16, torch.bfloat16)
     for t, name in ((offset, "offset"), (weight, "weight"), (mask, "mask"), (bias, "bias")):
-        _checks.same_dtype_and_device(t, name, input, _OP, check_dtype=not autocast)
+        geometry_fp32 = name in ("offset", "mask") and low and t is not None and t.dtype == torch.float32
+        _checks.same_dtype_and_device(t, name, input, _OP, check_dtype=not autocast and not geometry_fp32)
 
     batch, channels, height, width = input.shape
     out_channels, channels_per_group, kh, kw = weight.shape
@@ -81,7 +88,9 @@ def deform_conv2d(
     r"""Modulated deformable convolution (DCNv2, Zhu et al., CVPR 2019; DCNv1 without a mask).
 
     A drop-in for :func:`torchvision.ops.deform_conv2d`: same arguments in the same order, same results (under
-    CUDA autocast it computes in the autocast dtype, where torchvision's computes in float32).
+    CUDA autocast it computes the features in the autocast dtype and keeps ``offset`` and ``mask`` in float32,
+    where torchvision's computes everything in float32). ``offset`` and ``mask`` may be float32 beside float16 /
+    bfloat16 ``input``; their gradients come back in their own dtype.
 
     .. math::
         out[b,o,y,x] = bias[o] + \sum_{c \in G(o)} \sum_{i,j} W[o,c,i,j]\, m_{b,g(c),k}(y,x)\,

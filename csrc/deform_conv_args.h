@@ -19,10 +19,15 @@ inline void check_pair(at::IntArrayRef v, const char* name, int64_t minimum) {
               ", got ", v);
 }
 
-inline void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& input) {
+// `geometry`: offset and mask, which may be float32 beside fp16 / bf16 features (as torchvision and autocast keep
+// them); every other tensor has the input's dtype.
+inline void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& input,
+                         bool geometry = false) {
   TORCH_CHECK(t.dim() == dim, "deform_conv2d: `", name, "` must be ", dim, "-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "deform_conv2d: `", name, "` has dtype ", t.scalar_type(),
-              " but `input` has ", input.scalar_type());
+  const bool low = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(t.scalar_type() == input.scalar_type() || (geometry && low && t.scalar_type() == at::kFloat),
+              "deform_conv2d: `", name, "` has dtype ", t.scalar_type(), " but `input` has ", input.scalar_type(),
+              geometry && low ? " (offset and mask may also be float32)" : "");
   TORCH_CHECK(t.device() == input.device(), "deform_conv2d: `", name, "` is on ", t.device(), " but `input` is on ",
               input.device());
 }
@@ -36,8 +41,8 @@ inline DeformConvShape check_deform_conv(
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), "deform_conv2d: `input` must be a floating-point tensor, got ",
               input.scalar_type());
   check_tensor(weight, "weight", 4, input);
-  check_tensor(offset, "offset", 4, input);
-  if (mask.has_value()) check_tensor(*mask, "mask", 4, input);
+  check_tensor(offset, "offset", 4, input, /*geometry=*/true);
+  if (mask.has_value()) check_tensor(*mask, "mask", 4, input, /*geometry=*/true);
   if (bias.has_value()) check_tensor(*bias, "bias", 1, input);
   check_pair(stride, "stride", 1);
   check_pair(padding, "padding", 0);

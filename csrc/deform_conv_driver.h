@@ -65,6 +65,14 @@ inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) 
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : t;
 }
 
+// The geometry (offset, mask) contiguous in `dtype`: the CUDA kernels read it in the features' accumulation type
+// (float32 for fp16 / bf16 features, which may come with float32 offsets: autocast keeps them so), so that sampling
+// positions never carry the features' rounding.
+inline at::Tensor geometry(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+inline std::optional<at::Tensor> geometry(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
+  return t.has_value() ? std::optional<at::Tensor>(geometry(*t, dtype)) : t;
+}
+
 // Images [b0, b0 + n) of a batch.
 inline std::optional<at::Tensor> images(const std::optional<at::Tensor>& t, int64_t b0, int64_t n) {
   return t.has_value() ? std::optional<at::Tensor>(t->narrow(0, b0, n)) : t;
@@ -76,8 +84,9 @@ at::Tensor deform_conv2d_forward(const K& kernels, const DeformConvShape& s, con
                                  const at::Tensor& weight_, const at::Tensor& offset_,
                                  const std::optional<at::Tensor>& mask_, const std::optional<at::Tensor>& bias,
                                  int64_t groups) {
-  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous(), offset = offset_.contiguous();
-  const std::optional<at::Tensor> mask = contiguous(mask_);
+  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous();
+  const at::Tensor offset = geometry(offset_, at::toOpMathType(input.scalar_type()));
+  const std::optional<at::Tensor> mask = geometry(mask_, at::toOpMathType(input.scalar_type()));
   const int64_t batch = input.size(0), out_channels = weight.size(0);
   const int64_t ck = s.channels / groups * s.taps(), og_out = out_channels / groups, P = s.pixels();
   const int64_t rows = s.channels * s.taps();
@@ -116,9 +125,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const K& kernels, const DeformConvShape& s, const at::Tensor& grad_output_, const at::Tensor& input_,
     const at::Tensor& weight_, const at::Tensor& offset_, const std::optional<at::Tensor>& mask_, int64_t groups,
     const DeformConvGrads& needed) {
-  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous(), offset = offset_.contiguous();
+  const at::Tensor input = input_.contiguous(), weight = weight_.contiguous();
+  const at::Tensor offset = geometry(offset_, at::toOpMathType(input.scalar_type()));
   const at::Tensor grad_output = grad_output_.contiguous();
-  const std::optional<at::Tensor> mask = contiguous(mask_);
+  const std::optional<at::Tensor> mask = geometry(mask_, at::toOpMathType(input.scalar_type()));
   const int64_t batch = input.size(0), out_channels = weight.size(0);
   const int64_t ck = s.channels / groups * s.taps(), og_out = out_channels / groups, P = s.pixels();
   const at::ScalarType acc_type = at::toOpMathType(weight.scalar_type());
@@ -130,8 +140,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor grad_weight = needed.weight ? at::zeros(weight.sizes(), weight.options().dtype(acc_type)) : none();
   const at::Tensor grad_bias =
       needed.bias ? grad_output.sum({0, 2, 3}, /*keepdim=*/false, acc_type).to(weight.scalar_type()) : none();
+  // The geometry's gradients in the geometry's own dtypes.
   const auto result = [&] {
-    return std::make_tuple(grad_input, grad_weight.to(weight.scalar_type()), grad_offset, grad_mask, grad_bias);
+    return std::make_tuple(grad_input, grad_weight.to(weight.scalar_type()), grad_offset.to(offset_.scalar_type()),
+                           grad_mask.to(mask_.has_value() ? mask_->scalar_type() : grad_mask.scalar_type()),
+                           grad_bias);
   };
   if (batch == 0 || grad_output.numel() == 0 || !(needed.column_grad() || needed.weight)) return result();
 

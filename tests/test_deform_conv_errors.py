@@ -121,3 +121,19 @@ def test_module_argument_errors():
     layer = aecr_ops.ModulatedDeformConv2d(4, 6, 3, padding=1, deformable_groups=2)
     with pytest.raises(ValueError, match="offset"):
         layer(torch.randn(1, 4, 8, 8), torch.randn(1, 18, 8, 8))
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_float32_geometry_is_accepted_beside_low_precision_features(low):
+    # Checked on the meta device (CUDA is where fp16 / bf16 run): offset and mask may be float32, as torchvision
+    # and autocast keep them; any other dtype mix is an error naming the tensor.
+    x = torch.empty(1, 4, 6, 6, device="meta", dtype=low)
+    w = torch.empty(4, 4, 3, 3, device="meta", dtype=low)
+    offset = torch.empty(1, 18, 6, 6, device="meta", dtype=torch.float32)
+    mask = torch.empty(1, 9, 6, 6, device="meta", dtype=torch.float32)
+    out = aecr_ops.deform_conv2d(x, offset, w, padding=1, mask=mask)
+    assert out.dtype == low and out.shape == (1, 4, 6, 6)
+    with pytest.raises(TypeError, match="`offset`"):
+        aecr_ops.deform_conv2d(x, offset.double(), w, padding=1, mask=mask)
+    with pytest.raises(TypeError, match="`weight`"):
+        aecr_ops.deform_conv2d(x, offset, w.float(), padding=1, mask=mask)

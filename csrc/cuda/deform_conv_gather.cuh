@@ -22,7 +22,8 @@ namespace {
 // past every cell, so they sort last and belong to no cell.
 template <typename V>
 __global__ void __launch_bounds__(kThreads, 1) scatter_entries_kernel(DeformConvShape s, ColumnChunk chunk,
-                                                                   Global<const V> offset, Global<const V> mask,
+                                                                   Global<const at::opmath_type<V>> offset,
+                                                                   Global<const at::opmath_type<V>> mask,
                                                                    Global<int64_t> keys,
                                                                    Global<at::opmath_type<V>> weights) {
   using T = at::opmath_type<V>;
@@ -79,8 +80,8 @@ void deterministic_input_grad(const L& launch, const DeformConvShape& s, const C
   const auto index_options = grad_input.options().dtype(at::kLong);
   at::Tensor keys = at::empty({4 * sites}, index_options);
   at::Tensor weights = at::empty({4 * sites}, grad_input.options().dtype(c10::CppTypeToScalarType<T>::value));
-  launch(scatter_entries_kernel<V>, dim3(grid_for(sites)), dim3(kThreads), s, chunk, device_ptr<const V>(offset),
-         optional_ptr<const V>(mask), device_ptr<int64_t>(keys), device_ptr<T>(weights));
+  launch(scatter_entries_kernel<V>, dim3(grid_for(sites)), dim3(kThreads), s, chunk, device_ptr<const T>(offset),
+         optional_ptr<const T>(mask), device_ptr<int64_t>(keys), device_ptr<T>(weights));
   const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor cells = at::arange(n * s.offset_groups * s.plane() + 1, index_options);
   const at::Tensor cell_start = at::searchsorted(std::get<0>(sorted), cells);

@@ -30,13 +30,14 @@ at::Tensor tap_major_weight(const at::Tensor& weight, int64_t groups, int64_t ta
   return weight.reshape({groups, out / groups, in_g, taps}).permute({0, 1, 3, 2}).contiguous();
 }
 
-template <typename V, class L>
+// offset and mask float32 (geometry_of_dtype).
+template <class L>
 at::Tensor sample_plan(const L& launch, const DeformConvShape& s, int64_t images, const at::Tensor& offset,
                        const std::optional<at::Tensor>& mask) {
   const int64_t sites = images * s.offset_groups * s.taps() * s.pixels();
   at::Tensor plan = at::empty({sites * static_cast<int64_t>(sizeof(SamplePlan))}, offset.options().dtype(at::kByte));
-  launch(implicit_sample_plan_kernel<V>, dim3(grid_for(sites)), dim3(kThreads), s, images, device_ptr<const V>(offset),
-         optional_ptr<const V>(mask), device_ptr_as<SamplePlan>(plan));
+  launch(implicit_sample_plan_kernel, dim3(grid_for(sites)), dim3(kThreads), s, images, device_ptr<const float>(offset),
+         optional_ptr<const float>(mask), device_ptr_as<SamplePlan>(plan));
   return plan;
 }
 
@@ -65,15 +66,15 @@ template <class L>
 at::Tensor implicit_forward(const L& launch, const DeformConvShape& s, const at::Tensor& input_,
                             const at::Tensor& weight_, const at::Tensor& offset_, const std::optional<at::Tensor>& mask_,
                             const std::optional<at::Tensor>& bias_, int64_t groups) {
-  const at::Tensor input = input_.contiguous(), offset = offset_.contiguous();
-  const std::optional<at::Tensor> mask = contiguous(mask_), bias = contiguous(bias_);
+  const at::Tensor input = input_.contiguous(), offset = geometry(offset_, at::kFloat);
+  const std::optional<at::Tensor> mask = geometry(mask_, at::kFloat), bias = contiguous(bias_);
   const Geometry q = geometry_of(s, input, weight_, groups);
   at::Tensor output = at::empty({input.size(0), weight_.size(0), s.out_height, s.out_width}, input.options());
   if (output.numel() == 0) return output;
   const at::Tensor x = channels_last_input(input), w = tap_major_weight(weight_, groups, s.taps());
   dispatch_tensor_core_types(input.scalar_type(), [&](auto tag) {
     using V = decltype(tag);
-    const at::Tensor plan = sample_plan<V>(launch, s, input.size(0), offset, mask);
+    const at::Tensor plan = sample_plan(launch, s, input.size(0), offset, mask);
     launch(implicit_forward_kernel<V>, tiles(ceil_div(q.columns, kTile), ceil_div(q.out_per_group, kTile), groups),
            dim3(kBlockThreads), s, q, device_ptr<const V>(x), device_ptr_as<const SamplePlan>(plan),
            device_ptr<const V>(w), optional_ptr<const V>(bias), device_ptr<V>(output));
@@ -89,8 +90,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_
     const L& launch, const DeformConvShape& s, const at::Tensor& grad_output_, const at::Tensor& input_,
     const at::Tensor& weight, const at::Tensor& offset_, const std::optional<at::Tensor>& mask_, int64_t groups,
     bool deterministic, const DeformConvGrads& needed, int64_t column_budget = kImplicitColumnBudget) {
-  const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), grad_output = grad_output_.contiguous();
-  const std::optional<at::Tensor> mask = contiguous(mask_);
+  const at::Tensor input = input_.contiguous(), offset = geometry(offset_, at::kFloat);
+  const at::Tensor grad_output = grad_output_.contiguous();
+  const std::optional<at::Tensor> mask = geometry(mask_, at::kFloat);
   const Geometry q = geometry_of(s, input, weight, groups);
   const int64_t batch = input.size(0), K = s.taps(), P = s.pixels();
   const auto float_options = input.options().dtype(at::kFloat);
@@ -104,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_
                         .to(weight.scalar_type())
                   : none();
   if (batch == 0 || grad_output.numel() == 0 || !(needed.column_grad() || needed.weight)) {
-    return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+    return {grad_input, grad_weight, grad_offset.to(offset_.scalar_type()),
+            grad_mask.to(mask_.has_value() ? mask_->scalar_type() : grad_mask.scalar_type()), grad_bias};
   }
 
   const int64_t n_chunks = channel_chunk_count(s, q);
@@ -126,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_
         const at::Tensor chunk_columns = columns.narrow(0, 0, s.channels * K * c.width());
         const int64_t n_begin = b0 * P + c.pixel_begin;
         launch(implicit_input_grad_kernel<V>, tiles(ceil_div(c.width(), kTile), n_chunks * K), dim3(kBlockThreads), s,
-               q, n_begin, n_begin + c.width(), device_ptr<const V>(x), device_ptr<const V>(offset),
-               optional_ptr<const V>(mask), device_ptr<const V>(w), device_ptr<const V>(grad_output),
+               q, n_begin, n_begin + c.width(), device_ptr<const V>(x), device_ptr<const float>(offset),
+               optional_ptr<const float>(mask), device_ptr<const V>(w), device_ptr<const V>(grad_output),
                Global<float>(nullptr), device_ptr<V>(chunk_columns), b0, c, partial_ptr);
         const at::Tensor sum = input_sum.narrow(0, 0, c.images);
         deterministic_input_grad<V>(launch, s, c, offset.narrow(0, b0, c.images), images(mask, b0, c.images),
@@ -141,22 +144,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_
       const at::Tensor acc = needed.input ? at::zeros({batch, s.height, s.width, s.channels}, float_options)
                                           : at::empty({0}, float_options);
       launch(implicit_input_grad_kernel<V>, tiles(ceil_div(q.columns, kTile), n_chunks * K), dim3(kBlockThreads), s, q,
-             int64_t(0), q.columns, device_ptr<const V>(x), device_ptr<const V>(offset), optional_ptr<const V>(mask),
+             int64_t(0), q.columns, device_ptr<const V>(x), device_ptr<const float>(offset),
+             optional_ptr<const float>(mask),
              device_ptr<const V>(w), device_ptr<const V>(grad_output),
              needed.input ? device_ptr<float>(acc) : Global<float>(nullptr), Global<V>(nullptr), int64_t(0),
              whole_images(s, batch), partial_ptr);
       if (needed.input) grad_input.copy_(acc.permute({0, 3, 1, 2}));
     }
     if (needed.sampling()) {
-      launch(implicit_offset_mask_grad_kernel<V>, dim3(grid_for(batch * s.offset_groups * K * P)), dim3(kThreads), s,
-             q, device_ptr<const float>(partial), optional_ptr<const V>(mask),
-             needed.offset ? device_ptr<V>(grad_offset) : Global<V>(nullptr),
-             needed.mask ? device_ptr<V>(grad_mask) : Global<V>(nullptr));
+      launch(implicit_offset_mask_grad_kernel, dim3(grid_for(batch * s.offset_groups * K * P)), dim3(kThreads), s,
+             q, device_ptr<const float>(partial), optional_ptr<const float>(mask),
+             needed.offset ? device_ptr<float>(grad_offset) : Global<float>(nullptr),
+             needed.mask ? device_ptr<float>(grad_mask) : Global<float>(nullptr));
     }
     if (!needed.weight) return;
 
     // Weight side: enough pixel splits to give every SM a few blocks, each split at least 8 K steps long.
-    const at::Tensor plan = sample_plan<V>(launch, s, batch, offset, mask);
+    const at::Tensor plan = sample_plan(launch, s, batch, offset, mask);
     const int64_t out_tiles = n_chunks * K * ceil_div(q.out_per_group, kTile);
     const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({ceil_div(4 * launch.multiprocessors(), out_tiles),
                                                                     ceil_div(q.columns, 8 * kStep), 65535}));
@@ -172,7 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_
            used_splits, size, device_ptr<float>(summed));
     grad_weight.copy_(summed.view({weight.size(0), K, q.in_per_group}).permute({0, 2, 1}).reshape(weight.sizes()));
   });
-  return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+  return {grad_input, grad_weight, grad_offset.to(offset_.scalar_type()),
+          grad_mask.to(mask_.has_value() ? mask_->scalar_type() : grad_mask.scalar_type()), grad_bias};
 }
 
 }  // namespace

@@ -195,9 +195,10 @@ AECR_HOST_DEVICE AECR_INLINE ChannelChunk channel_chunk(const DeformConvShape& s
   return found;
 }
 
-template <typename V>
+// The geometry (offset, mask) is float32 whatever the features' dtype.
 __global__ void __launch_bounds__(kThreads, 1) implicit_sample_plan_kernel(DeformConvShape s, int64_t images,
-                                                                        Global<const V> offset, Global<const V> mask,
+                                                                        Global<const float> offset,
+                                                                        Global<const float> mask,
                                                                         Global<SamplePlan> plan) {
   AECR_GRID_STRIDE_LOOP(i, 0, images * s.offset_groups * s.taps() * s.pixels()) {
     const SamplingSite t = site_from_index(s, i);
@@ -318,8 +319,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) implicit_forward_kernel(Defo
 //   partial sums over the chunk's channels of gcol * (sample, d sample/dh, d sample/dw) -> `partial`.
 template <typename V>
 __global__ void __launch_bounds__(kBlockThreads, 1) implicit_input_grad_kernel(
-    DeformConvShape s, Geometry q, int64_t n_begin, int64_t n_end, Global<const V> input, Global<const V> offset,
-    Global<const V> mask, Global<const V> weight, Global<const V> grad_output, Global<float> grad_input,
+    DeformConvShape s, Geometry q, int64_t n_begin, int64_t n_end, Global<const V> input, Global<const float> offset,
+    Global<const float> mask, Global<const V> weight, Global<const V> grad_output, Global<float> grad_input,
     Global<V> columns, int64_t column_first_image, ColumnChunk column_chunk, Global<float> partial) {
 #ifdef AECR_TENSOR_CORES
   using M = Mma<V>;
@@ -445,12 +446,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) implicit_input_grad_kernel(
 }
 
 // Offset and mask gradients of every site: the chunks' partial sums in chunk order (deterministic).
-template <typename V>
 __global__ void __launch_bounds__(kThreads, 1) implicit_offset_mask_grad_kernel(DeformConvShape s, Geometry q,
                                                                              Global<const float> partial,
-                                                                             Global<const V> mask,
-                                                                             Global<V> grad_offset,
-                                                                             Global<V> grad_mask) {
+                                                                             Global<const float> mask,
+                                                                             Global<float> grad_offset,
+                                                                             Global<float> grad_mask) {
   const int64_t K = s.taps(), P = s.pixels(), columns = q.columns;
   AECR_GRID_STRIDE_LOOP(i, 0, columns / P * s.offset_groups * K * P) {
     const SamplingSite t = site_from_index(s, i);

@@ -38,8 +38,9 @@ struct AtomicAdd {
 
 template <typename V>
 __global__ void __launch_bounds__(kThreads, 1) im2col_kernel(DeformConvShape s, ColumnChunk chunk,
-                                                          Global<const V> input, Global<const V> offset,
-                                                          Global<const V> mask, Global<V> columns) {
+                                                          Global<const V> input,
+                                                          Global<const at::opmath_type<V>> offset,
+                                                          Global<const at::opmath_type<V>> mask, Global<V> columns) {
   using T = at::opmath_type<V>;
   AECR_GRID_STRIDE_LOOP(i, 0, chunk.sites(s)) {
     const SamplingSite t = site_from_index(s, chunk, i);
@@ -50,9 +51,12 @@ __global__ void __launch_bounds__(kThreads, 1) im2col_kernel(DeformConvShape s, 
 // Reads the column gradient from `columns` and leaves the columns there. Either gradient may be null.
 template <typename V>
 __global__ void __launch_bounds__(kThreads, 1) offset_mask_grad_kernel(DeformConvShape s, ColumnChunk chunk,
-                                                                    Global<const V> input, Global<const V> offset,
-                                                                    Global<const V> mask, Global<V> columns,
-                                                                    Global<V> grad_offset, Global<V> grad_mask) {
+                                                                    Global<const V> input,
+                                                                    Global<const at::opmath_type<V>> offset,
+                                                                    Global<const at::opmath_type<V>> mask,
+                                                                    Global<V> columns,
+                                                                    Global<at::opmath_type<V>> grad_offset,
+                                                                    Global<at::opmath_type<V>> grad_mask) {
   using T = at::opmath_type<V>;
   AECR_GRID_STRIDE_LOOP(i, 0, chunk.sites(s)) {
     const SamplingSite t = site_from_index(s, chunk, i);
@@ -64,7 +68,8 @@ __global__ void __launch_bounds__(kThreads, 1) offset_mask_grad_kernel(DeformCon
 // Default input gradient: atomics into `grad_input` of the accumulation type A.
 template <typename V, typename A>
 __global__ void __launch_bounds__(kThreads, 1) col2im_atomic_kernel(DeformConvShape s, ColumnChunk chunk,
-                                                                 Global<const V> offset, Global<const V> mask,
+                                                                 Global<const at::opmath_type<V>> offset,
+                                                                 Global<const at::opmath_type<V>> mask,
                                                                  Global<const V> grad_columns, Global<A> grad_input) {
   using T = at::opmath_type<V>;
   AECR_GRID_STRIDE_LOOP(i, 0, chunk.sites(s)) {
@@ -86,9 +91,10 @@ struct GpuDeformConvKernels {
   void im2col(const DeformConvShape& s, const ColumnChunk& c, const at::Tensor& input, const at::Tensor& offset,
               const std::optional<at::Tensor>& mask, at::Tensor& columns) const {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_cuda", [&] {
+      using T = at::opmath_type<scalar_t>;
       launch(im2col_kernel<scalar_t>, dim3(grid_for(c.sites(s))), dim3(kThreads), s, c,
-             device_ptr<const scalar_t>(input), device_ptr<const scalar_t>(offset),
-             optional_ptr<const scalar_t>(mask), device_ptr<scalar_t>(columns));
+             device_ptr<const scalar_t>(input), device_ptr<const T>(offset), optional_ptr<const T>(mask),
+             device_ptr<scalar_t>(columns));
     });
   }
 
@@ -96,7 +102,7 @@ struct GpuDeformConvKernels {
   // driver's accumulator).
   void input_grad(const DeformConvShape& s, const ColumnChunk& c, const at::Tensor& offset,
                   const std::optional<at::Tensor>& mask, const at::Tensor& grad_columns, at::Tensor grad_input) const {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, offset.scalar_type(), "deform_conv2d_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_columns.scalar_type(), "deform_conv2d_backward_cuda", [&] {
       using V = scalar_t;
       using T = at::opmath_type<V>;
       TORCH_INTERNAL_ASSERT(grad_input.scalar_type() == c10::CppTypeToScalarType<T>::value);
@@ -105,7 +111,7 @@ struct GpuDeformConvKernels {
         return;
       }
       launch(col2im_atomic_kernel<V, T>, dim3(grid_for(c.sites(s))), dim3(kThreads), s, c,
-             device_ptr<const V>(offset), optional_ptr<const V>(mask), device_ptr<const V>(grad_columns),
+             device_ptr<const T>(offset), optional_ptr<const T>(mask), device_ptr<const V>(grad_columns),
              device_ptr<T>(grad_input));
     });
   }
@@ -114,10 +120,10 @@ struct GpuDeformConvKernels {
                         const at::Tensor& offset, const std::optional<at::Tensor>& mask, at::Tensor& columns,
                         const std::optional<at::Tensor>& grad_offset, const std::optional<at::Tensor>& grad_mask) const {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_backward_cuda", [&] {
+      using T = at::opmath_type<scalar_t>;
       launch(offset_mask_grad_kernel<scalar_t>, dim3(grid_for(c.sites(s))), dim3(kThreads), s, c,
-             device_ptr<const scalar_t>(input), device_ptr<const scalar_t>(offset),
-             optional_ptr<const scalar_t>(mask), device_ptr<scalar_t>(columns), optional_ptr<scalar_t>(grad_offset),
-             optional_ptr<scalar_t>(grad_mask));
+             device_ptr<const scalar_t>(input), device_ptr<const T>(offset), optional_ptr<const T>(mask),
+             device_ptr<scalar_t>(columns), optional_ptr<T>(grad_offset), optional_ptr<T>(grad_mask));
     });
   }
 };

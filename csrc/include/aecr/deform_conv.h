@@ -172,10 +172,11 @@ AECR_HOST_DEVICE AECR_INLINE void store_site_grad(
 // ---- Whole-site bodies (one CUDA thread per site; the CPU runs the same pieces over tiles of sites) ----
 
 // columns[c, k, b, pixel] = mask * bilinear(image[c]) for every channel c of the site's offset group.
-// `image` points at image b of the chunk; offset and mask at the chunk's first image.
-template <typename T, typename In, typename Out>
+// `image` points at image b of the chunk; offset and mask (the geometry, of their own dtype G) at the chunk's
+// first image.
+template <typename T, typename In, typename G, typename Out>
 AECR_HOST_DEVICE AECR_INLINE void im2col_site(
-    const DeformConvShape& s, const ColumnChunk& chunk, const SamplingSite& t, In image, In offset, In mask, Out columns) {
+    const DeformConvShape& s, const ColumnChunk& chunk, const SamplingSite& t, In image, G offset, G mask, Out columns) {
   const BilinearPoint<T> p = site_point<T>(s, t, offset);
   const T m = site_mask<T>(s, t, mask);
   const int64_t cpg = s.channels_per_offset_group();
@@ -187,10 +188,10 @@ AECR_HOST_DEVICE AECR_INLINE void im2col_site(
 
 // Offset (dy, dx) and mask gradients of one site from the column gradient in `columns`, which it replaces, entry
 // by entry, by the columns themselves (what the weight gradient needs).
-template <typename T, typename In, typename Out>
+template <typename T, typename In, typename G, typename Out, typename GradG>
 AECR_HOST_DEVICE AECR_INLINE void offset_mask_grad_site(
-    const DeformConvShape& s, const ColumnChunk& chunk, const SamplingSite& t, In image, In offset, In mask, Out columns,
-    Out grad_offset, Out grad_mask) {
+    const DeformConvShape& s, const ColumnChunk& chunk, const SamplingSite& t, In image, G offset, G mask, Out columns,
+    GradG grad_offset, GradG grad_mask) {
   using V = pointee_t<Out>;
   const BilinearPoint<T> p = site_point<T>(s, t, offset);
   const T m = site_mask<T>(s, t, mask);
@@ -206,9 +207,9 @@ AECR_HOST_DEVICE AECR_INLINE void offset_mask_grad_site(
 
 // Adjoint of im2col for one site: adds mask * gcol * weight into the four corners of each channel's
 // input-gradient plane. `grad_image` (of the accumulation type) points at image b.
-template <typename Add, typename T, typename In, typename Acc>
+template <typename Add, typename T, typename G, typename In, typename Acc>
 AECR_HOST_DEVICE AECR_INLINE void col2im_site(
-    const DeformConvShape& s, const ColumnChunk& chunk, const SamplingSite& t, In offset, In mask, In grad_columns,
+    const DeformConvShape& s, const ColumnChunk& chunk, const SamplingSite& t, G offset, G mask, In grad_columns,
     Acc grad_image) {
   const BilinearPoint<T> p = site_point<T>(s, t, offset);
   const T m = site_mask<T>(s, t, mask);

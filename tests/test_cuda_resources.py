@@ -138,6 +138,30 @@ def test_kernels_keep_the_limits(table):
     assert not problems, f"{len(problems)} problems (benchmarks/{cr.MD_NAME} lists them too):\n" + "\n".join(problems)
 
 
+# Review R8: the latency-bound sampling kernels of deform_conv2d, which ran 2 blocks of 256 threads per SM (80-121
+# registers a thread under a launch bound of 1 block), fit 3 blocks of 256 threads for 2- and 4-byte types and 2
+# for double; the atomic scatter 2.
+SAMPLING_KERNELS = ("im2col_kernel", "offset_mask_grad_kernel", "scatter_entries_kernel", "gather_entries_kernel",
+                    "implicit_sample_plan_kernel", "implicit_offset_mask_grad_kernel", "col2im_atomic_kernel")
+
+
+def test_sampling_kernels_fit_several_blocks_per_multiprocessor(table):
+    checked = 0
+    for name, entry in table["kernels"].items():
+        base = name.split("<")[0]
+        if base not in SAMPLING_KERNELS:
+            continue
+        blocks = 2 if "double" in name or base == "col2im_atomic_kernel" else 3
+        for arch, row in entry.items():
+            if not arch.startswith("sm_"):
+                continue
+            checked += 1
+            assert blocks * cr.block_registers(row["registers"], 256) <= 65536, (name, arch, row["registers"])
+            assert row["min_blocks_per_sm"] == blocks, (name, arch, row["min_blocks_per_sm"])
+            assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0, (name, arch)
+    assert checked >= 3 * 15, checked
+
+
 def test_markdown_is_rendered_from_the_json(table):
     with open(os.path.join(ROOT, "benchmarks", cr.MD_NAME)) as f:
         assert f.read() == cr.render_markdown(table), f"benchmarks/{cr.MD_NAME} is not the JSON's table: {REGENERATE}"

@@ -21,7 +21,7 @@ namespace {
 // cell), and the weight mask * bilinear weight. Corners of weight 0 (outside the plane among them) get a key
 // past every cell, so they sort last and belong to no cell.
 template <typename V>
-__global__ void __launch_bounds__(kThreads, 1) scatter_entries_kernel(DeformConvShape s, ColumnChunk chunk,
+__global__ void __launch_bounds__(kThreads, kSamplingBlocks<V>) scatter_entries_kernel(DeformConvShape s, ColumnChunk chunk,
                                                                    Global<const at::opmath_type<V>> offset,
                                                                    Global<const at::opmath_type<V>> mask,
                                                                    Global<int64_t> keys,
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads, 1) scatter_entries_kernel(DeformConv
 // the sum to the cell of `grad_input`, of the accumulation type (an image cut in pixel chunks gets one sum per
 // chunk, in chunk order).
 template <typename V>
-__global__ void __launch_bounds__(kThreads, 1) gather_entries_kernel(DeformConvShape s, ColumnChunk chunk,
+__global__ void __launch_bounds__(kThreads, kSamplingBlocks<V>) gather_entries_kernel(DeformConvShape s, ColumnChunk chunk,
                                                                   Global<const int64_t> order,
                                                                   Global<const int64_t> cell_start,
                                                                   Global<const at::opmath_type<V>> weights,

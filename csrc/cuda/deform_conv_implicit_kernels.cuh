@@ -196,7 +196,7 @@ AECR_HOST_DEVICE AECR_INLINE ChannelChunk channel_chunk(const DeformConvShape& s
 }
 
 // The geometry (offset, mask) is float32 whatever the features' dtype.
-__global__ void __launch_bounds__(kThreads, 1) implicit_sample_plan_kernel(DeformConvShape s, int64_t images,
+__global__ void __launch_bounds__(kThreads, kSamplingBlocks<float>) implicit_sample_plan_kernel(DeformConvShape s, int64_t images,
                                                                         Global<const float> offset,
                                                                         Global<const float> mask,
                                                                         Global<SamplePlan> plan) {
@@ -446,7 +446,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) implicit_input_grad_kernel(
 }
 
 // Offset and mask gradients of every site: the chunks' partial sums in chunk order (deterministic).
-__global__ void __launch_bounds__(kThreads, 1) implicit_offset_mask_grad_kernel(DeformConvShape s, Geometry q,
+__global__ void __launch_bounds__(kThreads, kSamplingBlocks<float>) implicit_offset_mask_grad_kernel(DeformConvShape s, Geometry q,
                                                                              Global<const float> partial,
                                                                              Global<const float> mask,
                                                                              Global<float> grad_offset,

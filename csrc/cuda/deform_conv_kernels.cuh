@@ -37,7 +37,7 @@ struct AtomicAdd {
 };
 
 template <typename V>
-__global__ void __launch_bounds__(kThreads, 1) im2col_kernel(DeformConvShape s, ColumnChunk chunk,
+__global__ void __launch_bounds__(kThreads, kSamplingBlocks<V>) im2col_kernel(DeformConvShape s, ColumnChunk chunk,
                                                           Global<const V> input,
                                                           Global<const at::opmath_type<V>> offset,
                                                           Global<const at::opmath_type<V>> mask, Global<V> columns) {
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads, 1) im2col_kernel(DeformConvShape s, 
 
 // Reads the column gradient from `columns` and leaves the columns there. Either gradient may be null.
 template <typename V>
-__global__ void __launch_bounds__(kThreads, 1) offset_mask_grad_kernel(DeformConvShape s, ColumnChunk chunk,
+__global__ void __launch_bounds__(kThreads, kSamplingBlocks<V>) offset_mask_grad_kernel(DeformConvShape s, ColumnChunk chunk,
                                                                     Global<const V> input,
                                                                     Global<const at::opmath_type<V>> offset,
                                                                     Global<const at::opmath_type<V>> mask,
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1) offset_mask_grad_kernel(DeformCon
 
 // Default input gradient: atomics into `grad_input` of the accumulation type A.
 template <typename V, typename A>
-__global__ void __launch_bounds__(kThreads, 1) col2im_atomic_kernel(DeformConvShape s, ColumnChunk chunk,
+__global__ void __launch_bounds__(kThreads, kScatterBlocks) col2im_atomic_kernel(DeformConvShape s, ColumnChunk chunk,
                                                                  Global<const at::opmath_type<V>> offset,
                                                                  Global<const at::opmath_type<V>> mask,
                                                                  Global<const V> grad_columns, Global<A> grad_input) {

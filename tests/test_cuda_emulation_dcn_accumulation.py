@@ -85,3 +85,32 @@ def test_pixel_chunked_bf16_backward_allocates_one_float32_accumulator(emulated)
     outputs = sum(t.numel() * t.element_size() for t in (x, weight, offset, mask)) + 4 * weight.numel()
     geometry_fp32 = 2 * 4 * (offset.numel() + mask.numel())
     assert sum(sizes) <= outputs + geometry_fp32 + 2 * budget * 2 + image_fp32 + 64 * 1024, sizes
+
+
+def gather_blocks(emulated, fn):
+    before = emulated.launched_blocks().get("gather_entries_kernel<float>", 0)
+    fn()
+    return emulated.launched_blocks().get("gather_entries_kernel<float>", 0) - before
+
+
+def test_deterministic_gather_work_grows_with_the_chunk_not_the_image(emulated):
+    # Review R2: each pixel chunk's gather ran one thread per cell of the chunk's whole images, so cutting an image
+    # into n chunks cost n times the image. Now it runs over the chunk's sorted entries: the blocks of all chunks
+    # together stay about those of one whole-image chunk.
+    case = Case(1, 32, 8, (40, 40), (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True, False)
+    x, o, w, _, m = case.tensors(dtype=torch.float32, seed=2)
+    grad = torch.randn(1, 8, 40, 40, generator=torch.Generator().manual_seed(3))
+    geometry = [list(case.stride), list(case.padding), list(case.dilation), 1, 1]
+    only_input = (True, False, False, False, False)
+
+    def run(pieces):
+        budget = 32 * 9 * ((40 * 40 + pieces - 1) // pieces)
+        result = []
+        blocks = gather_blocks(emulated, lambda: result.append(
+            emulated.dcn_backward(grad, x, w, o, m, *geometry, "simple", True, budget, only_input)[0]))
+        return blocks, result[0]
+
+    whole_blocks, whole = run(1)
+    chunked_blocks, chunked = run(16)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert chunked_blocks <= whole_blocks + 16, (chunked_blocks, whole_blocks)

@@ -115,5 +115,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                          "kernels may not launch");
   m.def("set_multiprocessors", &aecr_emulation::set_multiprocessors);
   m.def("launched", [] { return aecr_emulation::launched(); }, "kernel name -> launches so far");
+  m.def("launched_blocks", [] { return aecr_emulation::launched_blocks(); }, "kernel name -> blocks launched so far");
   register_broken_kernels(m);
 }

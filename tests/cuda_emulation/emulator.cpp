@@ -116,6 +116,7 @@ struct Registry {
   std::map<std::string, KernelResources> resources;
   bool strict = false;
   std::map<std::string, int64_t> launched;
+  std::map<std::string, int64_t> blocks;  // blocks launched, by kernel
   int64_t sms = 3;
 };
 
@@ -363,6 +364,7 @@ void set_multiprocessors(int64_t sms) { registry().sms = sms; }
 int64_t multiprocessors() { return registry().sms; }
 
 const std::map<std::string, int64_t>& launched() { return registry().launched; }
+const std::map<std::string, int64_t>& launched_blocks() { return registry().blocks; }
 
 std::string where() {
   std::ostringstream s;
@@ -412,6 +414,7 @@ void run(KernelInfo& kernel, const LaunchShape& shape, const std::function<void(
     Registry& reg = registry();
     std::lock_guard<std::mutex> lock(reg.mutex);
     ++reg.launched[kernel.name];
+    reg.blocks[kernel.name] += int64_t(shape.grid.x) * shape.grid.y * shape.grid.z;
   }
   const dim3 grid = shape.grid, block = shape.block;
   const size_t threads = size_t(block.x) * block.y * block.z;

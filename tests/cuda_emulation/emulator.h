@@ -55,8 +55,9 @@ void set_resources(std::map<std::string, KernelResources> table, bool strict);
 void set_multiprocessors(int64_t sms);
 int64_t multiprocessors();
 
-// Names of every kernel launched by this process, and how often.
+// Names of every kernel launched by this process, and how often; and how many blocks they launched in all.
 const std::map<std::string, int64_t>& launched();
+const std::map<std::string, int64_t>& launched_blocks();
 
 // ---- The running thread ------------------------------------------------------------------------------------
 

@@ -50,8 +50,14 @@ bool implicit_path_applies(const at::Tensor& input, const at::Tensor& weight, co
                                 (type == at::kFloat && at::globalContext().allowTF32CuBLAS());
   if (!tensor_core_type || input.numel() == 0) return false;
   if (s.plane() > std::numeric_limits<int>::max()) return false;
-  if (!implicit_grids_fit(s, geometry_of(s, input, weight, groups))) return false;
-  return at::cuda::getDeviceProperties(input.get_device())->major >= 8 && tensor_core_kernels_loaded(input.get_device());
+  const Geometry q = geometry_of(s, input, weight, groups);
+  if (!implicit_grids_fit(s, q)) return false;
+  const cudaDeviceProp* device = at::cuda::getDeviceProperties(input.get_device());
+  if (implicit_workspace_bytes(s, q, input.size(0), static_cast<int64_t>(input.element_size()), weight.numel(),
+                               device->multiProcessorCount) > kImplicitWorkspaceBudget) {
+    return false;
+  }
+  return device->major >= 8 && tensor_core_kernels_loaded(input.get_device());
 }
 
 at::Tensor deform_conv2d_implicit(const DeformConvShape& s, const at::Tensor& input, const at::Tensor& weight,

@@ -21,7 +21,8 @@ bool implicit_path_requested();
 // Whether the implicit path can take these tensors: fp16 / bf16, or fp32 when PyTorch allows TF32 in matmuls
 // (torch.backends.cuda.matmul.allow_tf32, the flag the simple path's cuBLAS GEMMs follow); kernels compiled for
 // compute capability >= 8.0 (not JIT-compiled from older PTX, where they would only trap) on a GPU that has it;
-// planes addressable with 32-bit indices; grids within CUDA's limits. Inputs must be non-empty.
+// planes addressable with 32-bit indices; grids within CUDA's limits; a workspace within
+// kImplicitWorkspaceBudget (1 GiB: the path does not chunk). Inputs must be non-empty.
 bool implicit_path_applies(const at::Tensor& input, const at::Tensor& weight, const DeformConvShape& s,
                            int64_t groups);
 

@@ -55,6 +55,26 @@ void dispatch_tensor_core_types(at::ScalarType type, Fn&& fn) {
   }
 }
 
+// The implicit path does not chunk: its sample plan, partial sums, channels-last copy and float32 accumulator
+// grow with the batch and the image (review R3: about 19 GB for one 4K x 256 bf16 image). implicit_path_applies
+// declines a problem whose workspace would exceed this many bytes, and the simple path, which chunks, takes it.
+constexpr int64_t kImplicitWorkspaceBudget = int64_t(1) << 30;
+
+// The most the implicit path allocates beyond its arguments and results, forward or backward, either determinism,
+// on `multiprocessors` SMs, for features of `element_bytes` bytes.
+inline int64_t implicit_workspace_bytes(const DeformConvShape& s, const Geometry& q, int64_t batch,
+                                        int64_t element_bytes, int64_t weight_numel, int64_t multiprocessors) {
+  const int64_t K = s.taps(), sites = batch * s.offset_groups * K * s.pixels();
+  const int64_t features = batch * s.channels * s.plane();
+  const int64_t copies = (features + weight_numel) * element_bytes;                 // channels-last input, weight
+  const int64_t plan = sites * static_cast<int64_t>(sizeof(SamplePlan));
+  const int64_t partial = channel_chunk_count(s, q) * K * 3 * q.columns * 4;
+  const int64_t accumulator = features * 4;                                           // fp32 input gradient
+  const int64_t geometry = 2 * 3 * sites * 4;                                         // fp32 offset, mask, grads
+  const int64_t splits = std::max<int64_t>(1, 4 * multiprocessors) + 1;               // split-K partials, summed
+  return copies + plan + partial + accumulator + geometry + splits * weight_numel * 4;
+}
+
 // Whether the kernels' grids fit CUDA's limits (y and z at most 65535).
 bool implicit_grids_fit(const DeformConvShape& s, const Geometry& q) {
   const int64_t limit = 65535;

@@ -60,6 +60,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dcn_backw
                                       input, weight, offset, mask, groups, needed);
 }
 
+// The implicit path's workspace bound (implicit_workspace_bytes) for these arguments, on the emulated SM count.
+int64_t implicit_workspace(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                           const std::optional<at::Tensor>& mask, std::vector<int64_t> stride,
+                           std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                           int64_t offset_groups) {
+  const aecr::DeformConvShape s = aecr::check_deform_conv(input, weight, offset, mask, std::nullopt, stride, padding,
+                                                          dilation, groups, offset_groups);
+  return aecr::implicit_workspace_bytes(s, aecr::geometry_of(s, input, weight, groups), input.size(0),
+                                        static_cast<int64_t>(input.element_size()), weight.numel(),
+                                        aecr_emulation::multiprocessors());
+}
+
 std::tuple<at::Tensor, at::Tensor> patch_statistics(const at::Tensor& input, std::vector<int64_t> kernel_size,
                                                     std::vector<int64_t> dilation, std::vector<int64_t> padding,
                                                     int64_t sampling_stride, int64_t block, int64_t groups, double eps,
@@ -106,6 +118,8 @@ void register_broken_kernels(pybind11::module_& m);  // broken_kernels.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dcn_forward", &dcn_forward);
   m.def("dcn_backward", &dcn_backward);
+  m.def("implicit_workspace", &implicit_workspace);
+  m.def("implicit_workspace_budget", [] { return aecr::kImplicitWorkspaceBudget; });
   m.def("patch_statistics", &patch_statistics);
   m.def("patch_statistics_backward", &patch_statistics_backward);
   m.def("isqrt", &isqrt);

@@ -96,24 +96,29 @@ at::Tensor deform_conv2d_forward(const K& kernels, const DeformConvShape& s, con
   const at::Tensor w = weight.view({groups, og_out, ck});
   const ChunkPlan plan = plan_chunks(s, batch, kernels.column_budget(input.options()));
   const at::Tensor buffer = kernels.workspace(rows * plan.images * plan.pixels, input.options());
+  // The GEMMs write straight into each image's output [C_out, P] (its pixel range), with the bias as the GEMM's
+  // C operand (beta 1), so that fp16 / bf16 outputs are rounded once (review R6: a transposed copy of several
+  // images' products, and the bias added in a second pass in the low dtype).
+  const std::optional<at::Tensor> bias_ = contiguous(bias);
   for_each_chunk(s, batch, plan, [&](int64_t b0, const ColumnChunk& c) {
     at::Tensor columns = buffer.narrow(0, 0, rows * c.width()).view({rows, c.width()});
     kernels.im2col(s, c, input.narrow(0, b0, c.images), offset.narrow(0, b0, c.images), images(mask, b0, c.images),
                    columns);
-    // One image: the GEMM writes straight into the output (its pixel range); several: into [C_out, n*P], then
-    // transposed.
-    at::Tensor out = c.images == 1 ? output[b0].view({out_channels, P}).narrow(1, c.pixel_begin, c.pixels)
-                                   : at::empty({out_channels, c.width()}, input.options());
-    for (int64_t g = 0; g < groups; ++g) {
-      at::Tensor dst = out.narrow(0, g * og_out, og_out);
-      at::mm_out(dst, w[g], columns.narrow(0, g * ck, ck));
-    }
-    if (c.images > 1) {
-      output.narrow(0, b0, c.images).view({c.images, out_channels, P}).copy_(
-          out.view({out_channels, c.images, P}).transpose(0, 1));
+    for (int64_t i = 0; i < c.images; ++i) {
+      const at::Tensor out = output[b0 + i].view({out_channels, P}).narrow(1, c.pixel_begin, c.pixels);
+      const at::Tensor cols = columns.narrow(1, i * c.pixels, c.pixels);
+      for (int64_t g = 0; g < groups; ++g) {
+        at::Tensor dst = out.narrow(0, g * og_out, og_out);
+        const at::Tensor x = cols.narrow(0, g * ck, ck);
+        if (bias_.has_value()) {
+          const at::Tensor b = bias_->narrow(0, g * og_out, og_out).view({og_out, 1}).expand({og_out, c.pixels});
+          at::addmm_out(dst, b, w[g], x);
+        } else {
+          at::mm_out(dst, w[g], x);
+        }
+      }
     }
   });
-  if (bias.has_value()) output.add_(bias->view({1, out_channels, 1, 1}));
   return output;
 }
 
@@ -163,16 +168,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                                    : at::Tensor();
   for_each_chunk(s, batch, plan, [&](int64_t b0, const ColumnChunk& c) {
     at::Tensor columns = buffer.narrow(0, 0, rows * c.width()).view({rows, c.width()});
-    const at::Tensor gout =
-        c.images == 1 ? grad_output[b0].view({out_channels, P}).narrow(1, c.pixel_begin, c.pixels)
-                      : grad_output.narrow(0, b0, c.images).view({c.images, out_channels, P}).transpose(0, 1).reshape(
-                            {out_channels, c.width()});
+    // Image i of the chunk: its grad_output [C_out, pixels] (a view, no transposed copy) and its columns.
+    const auto gout = [&](int64_t i) {
+      return grad_output[b0 + i].view({out_channels, P}).narrow(1, c.pixel_begin, c.pixels);
+    };
+    const auto image_columns = [&](int64_t i) { return columns.narrow(1, i * c.pixels, c.pixels); };
     const at::Tensor input_n = input.narrow(0, b0, c.images), offset_n = offset.narrow(0, b0, c.images);
     const std::optional<at::Tensor> mask_n = images(mask, b0, c.images);
     if (needed.column_grad()) {
-      for (int64_t g = 0; g < groups; ++g) {  // the column gradient W^T grad_out, per weight group
-        at::Tensor dst = columns.narrow(0, g * ck, ck);
-        at::mm_out(dst, w[g].t(), gout.narrow(0, g * og_out, og_out));
+      for (int64_t i = 0; i < c.images; ++i) {
+        for (int64_t g = 0; g < groups; ++g) {  // the column gradient W^T grad_out, per image and weight group
+          at::Tensor dst = image_columns(i).narrow(0, g * ck, ck);
+          at::mm_out(dst, w[g].t(), gout(i).narrow(0, g * og_out, og_out));
+        }
       }
       if (needed.input) {
         kernels.input_grad(s, c, offset_n, mask_n, columns,
@@ -195,12 +203,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       kernels.im2col(s, c, input_n, offset_n, mask_n, columns);
     }
     if (!needed.weight) return;
-    for (int64_t g = 0; g < groups; ++g) {
-      const at::Tensor a = gout.narrow(0, g * og_out, og_out), b = columns.narrow(0, g * ck, ck).t();
-      if (acc_type == weight.scalar_type()) {
-        gw[g].addmm_(a, b);
-      } else {
-        gw[g].add_(at::mm(a, b));
+    for (int64_t i = 0; i < c.images; ++i) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const at::Tensor a = gout(i).narrow(0, g * og_out, og_out), b = image_columns(i).narrow(0, g * ck, ck).t();
+        if (acc_type == weight.scalar_type()) {
+          gw[g].addmm_(a, b);
+        } else {
+          gw[g].add_(at::mm(a, b));
+        }
       }
     }
   });

@@ -114,3 +114,24 @@ def test_deterministic_gather_work_grows_with_the_chunk_not_the_image(emulated):
     chunked_blocks, chunked = run(16)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     assert chunked_blocks <= whole_blocks + 16, (chunked_blocks, whole_blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_with_bias_is_rounded_once(emulated, dtype):
+    # Review R6: the GEMMs write each image's output with the bias as their C operand (one rounding), rather than
+    # a product rounded to the dtype, copied out of a multi-image buffer, and the bias added in a second rounding.
+    # Integer features and weights, quarter-pixel offsets: every column and product is exact in float32.
+    g = torch.Generator().manual_seed(9)
+    b, c, (h, w), og = CASE.batch, CASE.in_channels, CASE.size, CASE.offset_groups
+    x = torch.randint(-3, 4, (b, c, h, w), generator=g).to(dtype)
+    weight = torch.randint(-3, 4, (CASE.out_channels, c, 3, 3), generator=g).to(dtype)
+    offset = (torch.randint(-8, 9, (b, 2 * og * 9, h, w), generator=g) / 4).float()
+    bias = (torch.rand(CASE.out_channels, generator=g) - 0.5).to(dtype)
+    geometry = [list(CASE.stride), list(CASE.padding), list(CASE.dilation), 1, og]
+    expected = reference.deform_conv2d(x.double(), offset.double(), weight.double(), bias.double(), mask=None,
+                                       **CASE.kwargs())
+    rounded = expected.to(dtype)
+    for budget in (1 << 28, chunk_budget(4)):  # several images a chunk; pixel chunks of one image
+        out = emulated.dcn_forward(x, weight, offset, None, bias, *geometry, "simple", budget)
+        wrong = (out != rounded).sum().item()
+        assert wrong == 0, f"{wrong} of {out.numel()} outputs are not the exact result rounded once (budget {budget})"

@@ -73,6 +73,21 @@ inline std::optional<at::Tensor> geometry(const std::optional<at::Tensor>& t, at
   return t.has_value() ? std::optional<at::Tensor>(geometry(*t, dtype)) : t;
 }
 
+// A geometry gradient back in the dtype of the caller's geometry tensor `like` (none: left as it is).
+inline at::Tensor in_dtype_of(const at::Tensor& grad, const std::optional<at::Tensor>& like) {
+  return like.has_value() ? grad.to(like->scalar_type()) : grad;
+}
+
+// After column chunk c of the images [b0, b0 + c.images): when it was their last pixel chunk, rounds their input
+// gradient, summed in the float32 accumulator `sum` ([images of a chunk, C, H, W]), into grad_input once and
+// clears the accumulator for the next images.
+inline void flush_input_sum(at::Tensor& sum, at::Tensor& grad_input, int64_t b0, const ColumnChunk& c,
+                            int64_t pixels) {
+  if (c.pixel_begin + c.pixels != pixels) return;
+  grad_input.narrow(0, b0, c.images).copy_(sum.narrow(0, 0, c.images));
+  if (b0 + c.images < grad_input.size(0)) sum.zero_();
+}
+
 // Images [b0, b0 + n) of a batch.
 inline std::optional<at::Tensor> images(const std::optional<at::Tensor>& t, int64_t b0, int64_t n) {
   return t.has_value() ? std::optional<at::Tensor>(t->narrow(0, b0, n)) : t;
@@ -147,9 +162,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       needed.bias ? grad_output.sum({0, 2, 3}, /*keepdim=*/false, acc_type).to(weight.scalar_type()) : none();
   // The geometry's gradients in the geometry's own dtypes.
   const auto result = [&] {
-    return std::make_tuple(grad_input, grad_weight.to(weight.scalar_type()), grad_offset.to(offset_.scalar_type()),
-                           grad_mask.to(mask_.has_value() ? mask_->scalar_type() : grad_mask.scalar_type()),
-                           grad_bias);
+    return std::make_tuple(grad_input, grad_weight.to(weight.scalar_type()), in_dtype_of(grad_offset, offset_),
+                           in_dtype_of(grad_mask, mask_), grad_bias);
   };
   if (batch == 0 || grad_output.numel() == 0 || !(needed.column_grad() || needed.weight)) return result();
 
@@ -185,10 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       if (needed.input) {
         kernels.input_grad(s, c, offset_n, mask_n, columns,
                            low_input ? input_sum.narrow(0, 0, c.images) : grad_input.narrow(0, b0, c.images));
-        if (low_input && c.pixel_begin + c.pixels == P) {  // the images' last pixel chunk
-          grad_input.narrow(0, b0, c.images).copy_(input_sum.narrow(0, 0, c.images));
-          if (b0 + c.images < batch) input_sum.zero_();
-        }
+        if (low_input) flush_input_sum(input_sum, grad_input, b0, c, P);
       }
       if (needed.sampling()) {
         kernels.offset_mask_grad(s, c, input_n, offset_n, mask_n, columns,
@@ -439,11 +450,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
           needed.weight ? std::optional<at::Tensor>(mine.narrow(0, tile_columns, t.pixels * layout.row)
                                                         .view({t.pixels, layout.row}))
                         : std::nullopt;
+      const at::Tensor gout_tile = gout.narrow(0, plan.row(i), t.pixels);
       if (!needed.column_grad()) {  // the weight gradient alone: the columns, no column gradient
         kernels.sample_rows(s, layout, in, t, *columns);
       } else {
         at::Tensor grad_columns = needed.input ? grad_columns_all.narrow(0, r, t.pixels) : own;
-        const at::Tensor gout_tile = gout.narrow(0, plan.row(i), t.pixels);
         for (int64_t g = 0; g < groups; ++g) {  // the column gradient grad_out W, per weight group
           at::Tensor dst = grad_columns.narrow(1, g * layout.group_columns, layout.group_columns);
           kernels.linear(dst, gout_tile.narrow(1, g * og_out, og_out), packed_t.narrow(1, g * og_out, og_out),
@@ -457,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       }
       if (needed.weight) {
         kernels.transpose_into(*columns, columns_t.narrow(1, r, t.pixels));
-        kernels.transpose_into(gout.narrow(0, plan.row(i), t.pixels), gout_t.narrow(1, r, t.pixels));
+        kernels.transpose_into(gout_tile, gout_t.narrow(1, r, t.pixels));
       }
     });
     if (needed.input) {

@@ -109,27 +109,6 @@ const std::optional<c10::OperatorHandle>& onednn_linear() {
   return op;
 }
 
-// dst = a b^T, or dst += a b^T where `accumulate` (a [M, K], b [N, K], dst [M, N], any strides).
-void gemm_abt(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  const auto& op = onednn_linear();
-  if (!op.has_value() || a.scalar_type() != at::kFloat || !at::globalContext().userEnabledMkldnn()) {
-    if (accumulate) {
-      dst.addmm_(a, b.t());
-    } else {
-      at::mm_out(dst, a, b.t());
-    }
-    return;
-  }
-  std::vector<c10::IValue> stack{a.contiguous(), b.contiguous(), c10::IValue(), c10::IValue("none"),
-                                 c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
-  op->callBoxed(&stack);
-  if (accumulate) {
-    dst.add_(stack[0].toTensor());
-  } else {
-    dst.copy_(stack[0].toTensor());
-  }
-}
-
 template <typename T>
 struct ProblemOf {
   std::vector<T> zeros;
@@ -204,9 +183,25 @@ struct CpuDeformConvKernels {
     return out;
   }
 
-  // dst = a b^T (or dst += a b^T): a [M, K], b [N, K], dst [M, N].
+  // dst = a b^T, or dst += a b^T where `accumulate` (a [M, K], b [N, K], dst [M, N], any strides).
   void linear(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b, bool accumulate) const {
-    gemm_abt(dst, a, b, accumulate);
+    const auto& op = onednn_linear();
+    if (!op.has_value() || a.scalar_type() != at::kFloat || !at::globalContext().userEnabledMkldnn()) {
+      if (accumulate) {
+        dst.addmm_(a, b.t());
+      } else {
+        at::mm_out(dst, a, b.t());
+      }
+      return;
+    }
+    std::vector<c10::IValue> stack{a.contiguous(), b.contiguous(), c10::IValue(), c10::IValue("none"),
+                                   c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
+    op->callBoxed(&stack);
+    if (accumulate) {
+      dst.add_(stack[0].toTensor());
+    } else {
+      dst.copy_(stack[0].toTensor());
+    }
   }
 
   // dst [n, m] = src [m, n]^T, both with rows of unit stride, by register transposes (in the calling thread).

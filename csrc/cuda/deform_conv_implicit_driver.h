@@ -30,7 +30,7 @@ at::Tensor tap_major_weight(const at::Tensor& weight, int64_t groups, int64_t ta
   return weight.reshape({groups, out / groups, in_g, taps}).permute({0, 1, 3, 2}).contiguous();
 }
 
-// offset and mask float32 (geometry_of_dtype).
+// offset and mask in float32.
 template <class L>
 at::Tensor sample_plan(const L& launch, const DeformConvShape& s, int64_t images, const at::Tensor& offset,
                        const std::optional<at::Tensor>& mask) {
@@ -126,8 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_
                         .to(weight.scalar_type())
                   : none();
   if (batch == 0 || grad_output.numel() == 0 || !(needed.column_grad() || needed.weight)) {
-    return {grad_input, grad_weight, grad_offset.to(offset_.scalar_type()),
-            grad_mask.to(mask_.has_value() ? mask_->scalar_type() : grad_mask.scalar_type()), grad_bias};
+    return {grad_input, grad_weight, in_dtype_of(grad_offset, offset_), in_dtype_of(grad_mask, mask_), grad_bias};
   }
 
   const int64_t n_chunks = channel_chunk_count(s, q);
@@ -152,13 +151,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_
                q, n_begin, n_begin + c.width(), device_ptr<const V>(x), device_ptr<const float>(offset),
                optional_ptr<const float>(mask), device_ptr<const V>(w), device_ptr<const V>(grad_output),
                Global<float>(nullptr), device_ptr<V>(chunk_columns), b0, c, partial_ptr);
-        const at::Tensor sum = input_sum.narrow(0, 0, c.images);
         deterministic_input_grad<V>(launch, s, c, offset.narrow(0, b0, c.images), images(mask, b0, c.images),
-                                    chunk_columns, sum);
-        if (c.pixel_begin + c.pixels == P) {
-          grad_input.narrow(0, b0, c.images).copy_(sum);
-          if (b0 + c.images < batch) input_sum.zero_();
-        }
+                                    chunk_columns, input_sum.narrow(0, 0, c.images));
+        flush_input_sum(input_sum, grad_input, b0, c, P);
       });
     } else if (needed.column_grad()) {
       const at::Tensor acc = needed.input ? at::zeros({batch, s.height, s.width, s.channels}, float_options)
@@ -196,8 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> implicit_
            used_splits, size, device_ptr<float>(summed));
     grad_weight.copy_(summed.view({weight.size(0), K, q.in_per_group}).permute({0, 2, 1}).reshape(weight.sizes()));
   });
-  return {grad_input, grad_weight, grad_offset.to(offset_.scalar_type()),
-          grad_mask.to(mask_.has_value() ? mask_->scalar_type() : grad_mask.scalar_type()), grad_bias};
+  return {grad_input, grad_weight, in_dtype_of(grad_offset, offset_), in_dtype_of(grad_mask, mask_), grad_bias};
 }
 
 }  // namespace

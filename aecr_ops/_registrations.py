@@ -93,14 +93,20 @@ def _patch_statistics_backward(ctx, grad_mean, grad_cov):
 
 
 # Matrices up to this size run the iteration in matrix form (kNsFusedMaxFeatures in newton_schulz.h); larger
-# ones in spectral form, which returns their eigenbasis for the backward.
+# ones, on the CPU, in spectral form, which returns their eigenbasis for the backward (on CUDA as batched GEMMs,
+# which return nothing).
 NS_FUSED_MAX_FEATURES = 48
+
+
+def isqrt_saves_eigenbasis(a):
+    """Whether isqrt_newton_schulz's second output for `a` is its eigenbasis [B, F + 1, F] (else [0])."""
+    return a.shape[-1] > NS_FUSED_MAX_FEATURES and a.device.type == "cpu"
 
 
 @torch.library.register_fake("aecr_ops::isqrt_newton_schulz")
 def _isqrt_fake(a, n_iter):
     batch, f = a.shape[0], a.shape[-1]
-    saved = a.new_empty((batch, f + 1, f)) if f > NS_FUSED_MAX_FEATURES else a.new_empty((0,))
+    saved = a.new_empty((batch, f + 1, f)) if isqrt_saves_eigenbasis(a) else a.new_empty((0,))
     return a.new_empty(a.shape), saved
 
 

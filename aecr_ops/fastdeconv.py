@@ -65,10 +65,11 @@ def isqrt_newton_schulz(a: Tensor, n_iter: int = 5) -> Tensor:
     This is exactly the original FastDeconv's ``isqrt_newton_schulz_autograd`` (not converged: a fixed number
     of steps), with a backward that keeps no iterates.
 
-    Up to 48 features the iteration runs as written (one fused kernel for the whole batch). Above, since every
-    iterate is a polynomial in Y, it runs on Y's eigenvalues: one symmetric eigendecomposition instead of
-    3*n_iter matrix products, and 4 products in the backward instead of 6*n_iter. That form needs symmetric
-    matrices (covariances are) and refuses others.
+    Up to 48 features the iteration runs as written (one fused kernel for the whole batch). Above, on CUDA, it
+    runs as batched GEMMs (3*n_iter products, 6*n_iter more in the backward), so that no call waits for the GPU
+    and CUDA graphs can capture it. Above 48 on the CPU, since every iterate is a polynomial in Y, it runs on Y's
+    eigenvalues: one symmetric eigendecomposition instead of the products. That form needs symmetric matrices
+    (covariances are) and refuses others.
 
     Args:
         a: ``[F, F]`` or ``[B, F, F]``, float32 or float64.

@@ -12,7 +12,7 @@ takes seconds. Three groups, each case a forward and a backward (every gradient)
   with both backwards and with and without a mask; float16 once.
 - fastdeconv: patch_statistics in the two-launch form (F <= 64: 3x3 with one block of 3, interleaved blocks, a
   1x1 kernel, groups) and the tiled form (F > 64: 3x3 with block 8, F = 72), with their backward (unfold and 1x1
-  modes); isqrt_newton_schulz in matrix form (F <= 48, up to 48) and spectral form (F > 48) with its backward;
+  modes); isqrt_newton_schulz fused (F <= 48) and as batched GEMMs (F > 48) with its backward;
   the FastDeconv layer's training step (the running-update kernel, a finite and a non-finite batch) and eval
   step; float32 and float64.
 
@@ -181,7 +181,7 @@ def cases():
             out.append(("fastdeconv", f"patch_statistics {what} {names[dtype]}", False,
                         lambda d, a=(dtype, kernel, channels, block, groups): statistics_case(d, *a)))
         for features, batch in ((27, 2), (48, 1), (60, 2)):
-            out.append(("fastdeconv", f"isqrt {'matrix' if features <= 48 else 'spectral'} F={features} "
+            out.append(("fastdeconv", f"isqrt {'fused' if features <= 48 else 'gemm'} F={features} "
                                       f"{names[dtype]}", False,
                         lambda d, a=(dtype, features, batch): isqrt_case(d, *a)))
         out.append(("fastdeconv", f"FastDeconv layer 3->3 {names[dtype]}", False,

@@ -11,6 +11,8 @@
 //   static at::Tensor ns_fused_forward(const at::Tensor& a, const at::Tensor& norm, int64_t n_iter);
 //   static at::Tensor ns_fused_backward(const at::Tensor& a, const at::Tensor& norm, const at::Tensor& grad,
 //                                       int64_t n_iter);                  // gradient w.r.t. Y0 = A/||A||
+//   static constexpr bool kSpectralForm;   // above kNsFusedMaxFeatures: the spectral form (and then the two
+//                                          // below) or the iteration as batched GEMMs (no host sync: CUDA)
 //   static at::Tensor ns_spectral_values(const at::Tensor& lambda, int64_t n_iter);          // z_n(lambda)
 //   static at::Tensor ns_divided_differences(const at::Tensor& lambda, int64_t n_iter);      // [B, F, F]
 #pragma once
@@ -203,6 +205,42 @@ struct FastDeconvDriver {
 
   static bool fused(const at::Tensor& a) { return a.size(1) <= kNsFusedMaxFeatures; }
 
+  // The iteration on Y0 [B, F, F] as batched GEMMs; with `iterates`, (Y_k, Z_k, T_k) for k < n_iter kept there
+  // for the reverse mode. Returns Z_n.
+  static at::Tensor ns_gemm_forward(const at::Tensor& y0, int64_t n_iter, std::vector<at::Tensor>* iterates) {
+    const at::Tensor eye = at::eye(y0.size(1), y0.options()).expand_as(y0);
+    const at::Tensor eye_15 = eye * 1.5;
+    at::Tensor y = y0, z = eye.contiguous();
+    for (int64_t k = 0; k < n_iter; ++k) {
+      const at::Tensor t = at::baddbmm(eye_15, z, y, /*beta=*/1, /*alpha=*/-0.5);  // (3I - Z Y) / 2
+      if (iterates != nullptr) iterates->insert(iterates->end(), {y, z, t});
+      y = at::bmm(y, t);
+      z = at::bmm(t, z);
+    }
+    return z;
+  }
+
+  // The gradient w.r.t. Y0 of <grad_z, Z_n> for the iteration of ns_gemm_forward (newton_schulz.h's reverse
+  // steps, as batched GEMMs).
+  static at::Tensor ns_gemm_backward(const at::Tensor& y0, const at::Tensor& grad_z, int64_t n_iter) {
+    std::vector<at::Tensor> it;
+    ns_gemm_forward(y0, n_iter, &it);
+    at::Tensor g_y = at::zeros_like(y0), g_z = grad_z;
+    for (int64_t k = n_iter - 1; k >= 0; --k) {
+      const at::Tensor &y = it[3 * k], &z = it[3 * k + 1], &t = it[3 * k + 2];
+      const at::Tensor g_t = at::baddbmm(at::bmm(y.transpose(1, 2), g_y), g_z, z.transpose(1, 2));
+      const at::Tensor g_y_k = at::baddbmm(at::bmm(g_y, t.transpose(1, 2)), z.transpose(1, 2), g_t, 1, -0.5);
+      g_z = at::baddbmm(at::bmm(t.transpose(1, 2), g_z), g_t, y.transpose(1, 2), 1, -0.5);
+      g_y = g_y_k;
+    }
+    return g_y;
+  }
+
+  // NaN where the matrix's norm is not finite (as the spectral form gives), `x` elsewhere; no host sync.
+  static at::Tensor nan_unless_finite(const at::Tensor& x, const at::Tensor& norm) {
+    return at::where(at::isfinite(norm).view({-1, 1, 1}), x, std::numeric_limits<double>::quiet_NaN());
+  }
+
   // Eigen-decomposition of the (symmetric) matrices for the spectral form; refuses matrices that are not
   // symmetric, for which the spectral form would compute something else.
   static std::tuple<at::Tensor, at::Tensor> eigen(const at::Tensor& a, const at::Tensor& norm, const char* op) {
@@ -233,11 +271,16 @@ struct FastDeconvDriver {
     const at::Tensor a = a_.contiguous();
     const at::Tensor norm = frobenius(a);
     if (fused(a)) return {K::ns_fused_forward(a, norm, n_iter), at::empty({0}, a.options())};
-    at::Tensor lambda, u;
-    std::tie(lambda, u) = eigen(a, norm, "isqrt_newton_schulz");
-    const at::Tensor z = K::ns_spectral_values(lambda, n_iter);
-    at::Tensor result = at::matmul(u * z.unsqueeze(1), u.transpose(1, 2)).div_(norm.sqrt().view({-1, 1, 1}));
-    return {result, at::cat({u, lambda.unsqueeze(1)}, 1)};
+    if constexpr (!K::kSpectralForm) {
+      const at::Tensor z = ns_gemm_forward(a / norm.view({-1, 1, 1}), n_iter, nullptr);
+      return {nan_unless_finite(z / norm.sqrt().view({-1, 1, 1}), norm), at::empty({0}, a.options())};
+    } else {
+      at::Tensor lambda, u;
+      std::tie(lambda, u) = eigen(a, norm, "isqrt_newton_schulz");
+      const at::Tensor z = K::ns_spectral_values(lambda, n_iter);
+      at::Tensor result = at::matmul(u * z.unsqueeze(1), u.transpose(1, 2)).div_(norm.sqrt().view({-1, 1, 1}));
+      return {result, at::cat({u, lambda.unsqueeze(1)}, 1)};
+    }
   }
 
   // d<grad, D>/dA for D = isqrt(A): the iteration's gradient w.r.t. Y0 = A/||A||_F, then the normalisation's.
@@ -253,6 +296,11 @@ struct FastDeconvDriver {
     at::Tensor grad_y0;
     if (fused(a)) {
       grad_y0 = K::ns_fused_backward(a, norm, grad, n_iter);
+    } else if constexpr (!K::kSpectralForm) {
+      TORCH_CHECK(saved.numel() == 0, op, ": `saved` must be the second output of isqrt_newton_schulz, [0] on ",
+                  a.device().type(), "; got ", saved.sizes());
+      grad_y0 = nan_unless_finite(
+          ns_gemm_backward(a / norm.view({-1, 1, 1}), grad / norm.sqrt().view({-1, 1, 1}), n_iter), norm);
     } else {
       // For symmetric Y0 = U diag(lambda) U^T and the polynomial P of the iteration, the gradient of <G, P(Y0)>
       // is U (L o (U^T G U)) U^T with L the divided differences of P (Daleckii-Krein).

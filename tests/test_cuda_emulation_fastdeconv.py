@@ -1,7 +1,8 @@
 """FastDeconv's CUDA kernels and driver run on the CPU under the emulator (tests/cuda_emulation), against the CPU
 ops (themselves checked against the float64 reference in test_fastdeconv_ops.py): the patch statistics in two
-launches (F <= 64) and in tiles (F > 64), their backward, Newton-Schulz in matrix form (F <= 48) and spectral form
-(F > 48) with its backward, and the running update, in float64 and float32 (the dtypes they are built for).
+launches (F <= 64) and in tiles (F > 64), their backward, Newton-Schulz fused (F <= 48) and as batched GEMMs
+(F > 48, never waiting for the host) with its backward, and the running update, in float64 and float32 (the
+dtypes they are built for).
 """
 import pytest
 import torch
@@ -73,13 +74,14 @@ def test_emulated_statistics_in_float32_keep_a_far_mean(emulated):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("f,n_iter", [(1, 5), (9, 5), (27, 5), (27, 0), (33, 3), (48, 2), (49, 5), (60, 3)])
 def test_emulated_newton_schulz_matches_the_cpu_op(emulated, f, n_iter, dtype):
-    # Up to 48 features: the fused kernels (one block per matrix, every step in one launch); above: the spectral
-    # form's per-eigenvalue kernels around the driver's eigendecomposition.
+    # Up to 48 features: the fused kernels (one block per matrix, every step in one launch); above: the driver's
+    # batched GEMMs, which save nothing for the backward (the CPU op there: the spectral form, its eigenbasis).
     a = spd(3, f, seed=f, cond=1e2).to(dtype)
     result, saved = emulated.isqrt(a, n_iter)
     expected, expected_saved = torch.ops.aecr_ops.isqrt_newton_schulz(a, n_iter)
     assert_close(result, expected, dtype, "result")
-    assert saved.shape == expected_saved.shape
+    assert saved.shape == (0,)
+    assert expected_saved.shape == ((3, f + 1, f) if f > 48 else (0,))
     grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(f), dtype=torch.float64).to(dtype)
     got = emulated.isqrt_backward(grad, a, result, saved, n_iter)
     expected_grad = torch.ops.aecr_ops.isqrt_newton_schulz_backward(grad, a, expected, expected_saved, n_iter)
@@ -98,3 +100,56 @@ def test_emulated_running_update_matches_the_cpu_op(emulated, bad, dtype):
     expected = torch.ops.aecr_ops.fastdeconv_update_running(*tensors, 0.1)
     assert bool(finite) == bool(expected) == (bad is None)
     assert torch.equal(mine[0], tensors[0]) and torch.equal(mine[1], tensors[1])
+
+
+class _RecordedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ATen ops called while active, by name (the C++ driver's calls included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that make the host wait for the GPU (or, eigh, check its solver's status on the host), and so break CUDA
+# graph capture: none may run in a CUDA FastDeconv step.
+HOST_SYNCS = ("aten._local_scalar_dense", "aten.linalg_eigh", "aten._linalg_eigh", "aten.item", "aten.nonzero",
+              "aten.is_nonzero", "aten.equal")
+
+
+@pytest.mark.parametrize("f", [49, 64, 576])
+def test_emulated_newton_schulz_above_48_features_never_waits_for_the_host(emulated, f):
+    # Review R4: above 48 features the driver copied verdicts to the host (item()) and called eigh, whose status
+    # check also synchronises: a sync per training step, and graph capture failed. On CUDA the large matrices now
+    # run the iteration as batched GEMMs, forward and backward.
+    a = spd(2, f, seed=f, cond=1e2).float()
+    grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(f))
+    with _RecordedOps() as ops:
+        result, saved = emulated.isqrt(a, 5)
+        got = emulated.isqrt_backward(grad, a, result, saved, 5)
+    syncs = sorted(set(ops.names) & set(HOST_SYNCS))
+    assert not syncs, f"F = {f}: the CUDA driver called {syncs}"
+    assert "aten.bmm" in ops.names or "aten.baddbmm" in ops.names
+    reference, _ = torch.ops.aecr_ops.isqrt_newton_schulz(a.double(), 5)
+    expected_grad = torch.ops.aecr_ops.isqrt_newton_schulz_backward(grad.double(), a.double(), reference,
+                                                                    torch.empty(0, dtype=torch.float64), 5)
+    assert_close(result, reference.float(), torch.float32, "result")
+    assert_close(got, expected_grad.float(), torch.float32, "gradient")
+
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_emulated_newton_schulz_of_a_non_finite_large_matrix_is_nan_for_that_matrix_only(emulated, bad):
+    # As the CPU's spectral form gives: a matrix with a non-finite entry has an all-NaN result and gradient,
+    # decided on the device (no verdict read back); the other matrices of the batch are untouched.
+    a = spd(2, 60, seed=5, cond=1e2).float()
+    a[1, 3, 7] = bad
+    result, saved = emulated.isqrt(a, 5)
+    grad = emulated.isqrt_backward(torch.ones_like(a), a, result, saved, 5)
+    expected, _ = torch.ops.aecr_ops.isqrt_newton_schulz(a[:1].double(), 5)
+    assert_close(result[:1], expected.float(), torch.float32, "finite matrix")
+    assert torch.isnan(result[1]).all() and torch.isnan(grad[1]).all()
+    assert torch.isfinite(grad[0]).all()

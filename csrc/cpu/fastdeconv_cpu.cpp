@@ -84,6 +84,7 @@ void for_each_patch(const PatchShape& s, int64_t n0, int64_t n1, const Body& bod
 }
 
 struct CpuKernels {
+  static constexpr bool kSpectralForm = true;  // above kNsFusedMaxFeatures: one eigh instead of 3 n_iter GEMMs
   // The tiled path is the CPU's: its per-tile products are one MKL GEMM each.
   static bool moments(const PatchShape&, const at::Tensor&, double, at::Tensor&, at::Tensor&) { return false; }
 

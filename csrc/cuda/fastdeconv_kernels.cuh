@@ -4,8 +4,8 @@
 // The statistics (F <= 64) take two launches and never store the patches (patch_moments.cuh); larger F uses the
 // driver's tiles (build_tile_kernel). The input gradient is a gather (one thread per input element sums the
 // patch entries that read it), so it is deterministic without atomics. The matrix form of Newton-Schulz runs
-// one block per matrix in one launch (newton_schulz_kernels.cuh); the spectral form's per-eigenvalue work is
-// the last two kernels.
+// one block per matrix in one launch (newton_schulz_kernels.cuh); larger matrices run it in the driver as batched
+// GEMMs (kSpectralForm false), since the spectral form's eigendecomposition would wait for the GPU.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,25 +37,12 @@ __global__ void __launch_bounds__(kThreads, 1) patch_input_grad_kernel(PatchShap
   AECR_GRID_STRIDE_LOOP(i, begin, end) { grad_input[i] = gather_input_grad<V>(s, i, r0, rows, grad_tile); }
 }
 
-template <typename V>
-__global__ void __launch_bounds__(kThreads, 1) ns_spectral_values_kernel(Global<const V> lambda, Global<V> out, int64_t n,
-                                                                      int64_t n_iter) {
-  AECR_GRID_STRIDE_LOOP(i, 0, n) { out[i] = scalar_iteration<V>(lambda[i], n_iter); }
-}
-
-template <typename V>
-__global__ void __launch_bounds__(kThreads, 1) ns_divided_differences_kernel(Global<const V> lambda, Global<V> out,
-                                                                          int64_t batch, int64_t f, int64_t n_iter) {
-  AECR_GRID_STRIDE_LOOP(i, 0, batch * f * f) {
-    const int64_t j = i % f, row = i / f;  // row = b * f + i_
-    out[i] = divided_difference<V>(lambda[row], lambda[(row / f) * f + j], n_iter);
-  }
-}
-
 // The kernel class of fastdeconv_driver.h on CUDA (launches on the current stream; the op entry points set the
 // device).
 template <class L>
 struct GpuFastDeconvKernels {
+  static constexpr bool kSpectralForm = false;
+
   static bool moments(const PatchShape& s, const at::Tensor& input, double eps, at::Tensor& mean, at::Tensor& cov) {
     if (s.features > kMomentMaxFeatures) return false;
     patch_moments(L{}, s, input, eps, mean, cov);
@@ -87,27 +74,6 @@ struct GpuFastDeconvKernels {
   static at::Tensor ns_fused_backward(const at::Tensor& a, const at::Tensor& norm, const at::Tensor& grad,
                                       int64_t n_iter) {
     return ns_fused_backward_launch(L{}, a, norm, grad, n_iter);
-  }
-
-  static at::Tensor ns_spectral_values(const at::Tensor& lambda_, int64_t n_iter) {
-    const at::Tensor lambda = lambda_.contiguous();
-    at::Tensor out = at::empty_like(lambda);
-    AT_DISPATCH_FLOATING_TYPES(lambda.scalar_type(), "ns_spectral_values_cuda", [&] {
-      L{}(ns_spectral_values_kernel<scalar_t>, dim3(grid_for(lambda.numel())), dim3(kThreads),
-          device_ptr<const scalar_t>(lambda), device_ptr<scalar_t>(out), lambda.numel(), n_iter);
-    });
-    return out;
-  }
-
-  static at::Tensor ns_divided_differences(const at::Tensor& lambda_, int64_t n_iter) {
-    const at::Tensor lambda = lambda_.contiguous();
-    const int64_t batch = lambda.size(0), f = lambda.size(1);
-    at::Tensor out = at::empty({batch, f, f}, lambda.options());
-    AT_DISPATCH_FLOATING_TYPES(lambda.scalar_type(), "ns_divided_differences_cuda", [&] {
-      L{}(ns_divided_differences_kernel<scalar_t>, dim3(grid_for(out.numel())), dim3(kThreads),
-          device_ptr<const scalar_t>(lambda), device_ptr<scalar_t>(out), batch, f, n_iter);
-    });
-    return out;
   }
 };
 

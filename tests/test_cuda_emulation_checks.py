@@ -12,7 +12,7 @@ import emulation
 
 pytestmark = pytest.mark.slow
 
-TEST_KERNELS = ["write_then_read_kernel", "write_write_kernel", "missing_loop_barrier_kernel", "accumulate_kernel",
+TEST_KERNELS = ["write_then_read_kernel", "read_then_write_kernel", "warp_ops_kernel", "cross_block_kernel", "wmma_kernel", "write_write_kernel", "missing_loop_barrier_kernel", "accumulate_kernel",
                 "per_block_write_kernel", "copy_kernel", "shared_index_kernel", "partial_fill_kernel",
                 "barrier_kernel", "shuffle_after_return_kernel", "static_shared_kernel<49152>",
                 "static_shared_kernel<49156>", "dynamic_shared_kernel", "resource_kernel"]
@@ -44,11 +44,40 @@ def test_a_read_after_another_threads_write_needs_a_barrier(checked, reader):
     assert checked.write_then_read(64, reader, 1).item() == 1.0  # __syncthreads orders them
 
 
-def test_syncwarp_and_shuffles_order_only_the_lanes_of_their_warp(checked):
+def test_syncwarp_orders_only_the_lanes_of_its_warp(checked):
     assert checked.write_then_read(64, 5, 2).item() == 1.0  # __syncwarp: lane 5 after lane 0
-    assert checked.write_then_read(64, 5, 3).item() == 1.0  # a shuffle synchronises the warp too
     fails(checked.write_then_read, 64, 32, 2, match="shared-memory race.*thread \\(32,0,0\\) reads")
-    fails(checked.write_then_read, 64, 32, 3, match="shared-memory race.*thread \\(32,0,0\\) reads")
+
+
+def test_a_shuffle_does_not_order_memory(checked):
+    # Review E1: only __syncwarp and barriers order memory between lanes; a shuffle exchanges registers.
+    fails(checked.write_then_read, 64, 5, 3, match=r"shared-memory race.*thread \(5,0,0\) reads .* that thread "
+                                                   r"\(0,0,0\) wrote")
+
+
+def test_a_partial_syncwarp_orders_only_the_lanes_of_its_mask(checked):
+    # Review E2: lanes 0-15 synchronise; lane 5 is ordered after lane 0's write, lane 20 is not.
+    assert checked.write_then_read(64, 5, 4).item() == 1.0
+    fails(checked.write_then_read, 64, 20, 4, match=r"shared-memory race.*thread \(20,0,0\) reads .* that thread "
+                                                    r"\(0,0,0\) wrote")
+
+
+def test_a_write_after_reads_names_the_reader_its_syncwarp_left_out(checked):
+    # Lanes 0 and 1 read; a __syncwarp of lanes 0 and 2 leaves out lane 1, whose read then races with lane 2's
+    # write (review E9: the message named the last reader, not the unordered one).
+    assert checked.read_then_write(0b111).tolist() == [1.0, 1.0]
+    fails(checked.read_then_write, 0b101, match=r"read_then_write_kernel.*shared-memory race.*thread \(2,0,0\) "
+                                                r"writes .* that thread \(1,0,0\) read")
+
+
+def test_a_launch_counts_only_once_it_completed(checked):
+    # The coverage check (test_cuda_emulation_coverage.py) counts launches: one that a check stopped must not count.
+    before = checked.launched().get("copy_kernel", 0)
+    x = torch.arange(40, dtype=torch.float32)
+    fails(checked.copy, x, 64, match="out of bounds")
+    assert checked.launched().get("copy_kernel", 0) == before
+    checked.copy(x, 0)
+    assert checked.launched()["copy_kernel"] == before + 1
 
 
 def test_two_writes_of_one_address_race(checked):
@@ -118,6 +147,13 @@ def test_a_barrier_that_half_the_block_skips_is_an_error_naming_the_kernel(check
     assert checked.barrier(0).tolist() == [1.0] * 32
 
 
+def test_barriers_behind_a_wrapper_are_told_apart_by_their_call_sites(checked):
+    # Review E5: the Newton-Schulz kernels' BlockSync gave every barrier behind it one source location.
+    fails(checked.barrier, 3, match=r"kernel barrier_kernel:.*threads wait at different __syncthreads "
+                                    r"\(broken_kernels.cpp:\d+ and broken_kernels.cpp:\d+\)")
+    assert checked.barrier(4).tolist() == [1.0] * 32
+
+
 def test_a_shuffle_after_some_lanes_returned_is_an_error(checked):
     fails(checked.shuffle_after_return, True, match="shuffle_after_return_kernel.*16 threads wait at a warp operation "
                                                     "that lanes of their warp never reach")
@@ -170,3 +206,37 @@ def test_a_launch_above_the_kernels_launch_bounds_is_refused(checked):
 
 def test_a_kernel_the_resource_table_does_not_know_may_not_launch(emulated):
     fails(emulated.write_write, False, match="write_write_kernel: invalid launch: no resource usage known")
+
+
+# ---- warp operations and WMMA (review E6, E8) -------------------------------------------------------------------
+
+def test_a_shuffle_from_a_lane_outside_its_mask_is_an_error(checked):
+    assert checked.warp_ops(0).tolist()[:16] == [5.0] * 16
+    fails(checked.warp_ops, 1, match=r"warp_ops_kernel.*a shuffle reads lane 20 outside its mask")
+
+
+def test_lanes_at_different_warp_operations_are_an_error(checked):
+    fails(checked.warp_ops, 2, match=r"warp_ops_kernel.*lanes of warp 0 wait at different warp operations "
+                                     r"\(broken_kernels.cpp:\d+ and broken_kernels.cpp:\d+\)")
+    assert checked.warp_ops(3).tolist() == [float(i) for i in range(32)]
+
+
+def test_a_write_after_another_blocks_read_races(checked):
+    fails(checked.cross_block, True, match=r"cross_block_kernel.*global-memory race.*another block of the launch "
+                                           r"read")
+    assert checked.cross_block(False).item() == 1.0
+
+
+def test_wmma_is_collective_and_each_lane_stores_its_share(checked):
+    assert checked.wmma(0, 0).item() == 8.0
+    assert checked.wmma(1, 5).item() == 8.0  # lane 5 reads what it stored itself
+    # Lane 0 reads before lane 5 has stored (the lanes run in order): the race shows at lane 5's store.
+    fails(checked.wmma, 1, 0, match=r"wmma_kernel.*shared-memory race.*thread \(5,0,0\) writes .* that thread "
+                                    r"\(0,0,0\) read")
+    fails(checked.wmma, 2, 0, match=r"wmma_kernel.*lanes of warp 0 wait at different warp operations")
+
+
+@pytest.mark.parametrize("mode, message", [(3, "load_matrix_sync: pointer not 256-bit aligned"),
+                                           (4, "load_matrix_sync: ldm not a multiple of 16 bytes")])
+def test_wmma_refuses_a_misaligned_tile_or_ldm(checked, mode, message):
+    fails(checked.wmma, mode, 0, match=rf"wmma_kernel.*{message}")

@@ -13,6 +13,7 @@ import torch
 import aecr_ops
 from aecr_ops import reference
 from dcn_cases import NAMED_CASES, Case, random_cases
+from dcn_error_bounds import assert_within_rounding, magnitudes
 
 pytestmark = pytest.mark.slow
 
@@ -73,11 +74,22 @@ def emulated_grads(emulated, tensors, geometry, grad, dtype, path, deterministic
     return [gi, go, gw] + ([gb] if b is not None else []) + ([gm] if m is not None else [])
 
 
-def assert_close_in_precision(got, expected, dtype, roundoff, label, factor=8):
-    assert got.dtype == dtype and got.shape == expected.shape, label
-    err = (got.double() - expected).abs().max().item()
-    scale = expected.abs().max().item() + 1e-30
-    assert err <= factor * roundoff[dtype] * scale, f"{label}: error {err:.3g} for values up to {scale:.3g}"
+# Rounding stages between the float64 result of the rounded inputs and a path's result: the output's gradient
+# rounded to the dtype, the columns (or tensor-core operands) rounded, float32 sums, the result rounded once.
+ROUNDING_STAGES = 4
+
+
+def bounds(case, tensors, grad, dtype):
+    """Per-element rounding bounds (dcn_error_bounds.magnitudes) of the output and of the gradients in
+    grad_names' order: (terms, coordinates) lists; the kernels' coordinates are float32 but for float64 data."""
+    return magnitudes(case, tensors, grad, 2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24)
+
+
+def assert_rounded(got, expected, bound, index, dtype, roundoff, label):
+    """Element by element within ROUNDING_STAGES x (u x sum of |terms| + coordinate error) of float64."""
+    terms, coordinates = bound
+    assert_within_rounding(got, expected, terms[index], coordinates[index], dtype, roundoff[dtype], label,
+                           ROUNDING_STAGES)
 
 
 def one_image_budget(case):
@@ -102,6 +114,7 @@ def test_emulated_simple_path_matches_float64_reference(emulated, name, dtype):
     tensors, geometry = problem(case, dtype)
     x, o, w, b, m = tensors
     out_exact, grad, grads_exact = exact(case, tensors)
+    bound = bounds(case, tensors, grad, dtype)
     # Columns of several images in one chunk (GEMM into a buffer, then transposed); and, in float32 and in float16
     # (whose input gradient is summed in a float32 buffer and then added), one image per chunk and pixel ranges of
     # one image per chunk. (The chunking does not depend on the dtype otherwise; fewer runs keep CI short.)
@@ -109,12 +122,12 @@ def test_emulated_simple_path_matches_float64_reference(emulated, name, dtype):
     small_budgets = (one_image_budget(case), pixel_chunk_budget(case)) if chunked else ()
     for budget in (BIG_BUDGET,) + small_budgets:
         out = emulated.dcn_forward(x, w, o, m, b, *geometry, "simple", budget)
-        assert_close_in_precision(out, out_exact, dtype, SIMPLE_ROUNDOFF, f"output (budget {budget})", factor=64)
+        assert_rounded(out, out_exact, bound, 0, dtype, SIMPLE_ROUNDOFF, f"output (budget {budget})")
         for deterministic in (False, True):
             got = emulated_grads(emulated, tensors, geometry, grad, dtype, "simple", deterministic, budget)
-            for label, g, e in zip(grad_names(b, m), got, grads_exact):
-                assert_close_in_precision(g, e, dtype, SIMPLE_ROUNDOFF, f"{label} (deterministic={deterministic}, "
-                                          f"budget {budget})", factor=64)
+            for i, (label, g, e) in enumerate(zip(grad_names(b, m), got, grads_exact)):
+                assert_rounded(g, e, bound, i + 1, dtype, SIMPLE_ROUNDOFF,
+                               f"{label} (deterministic={deterministic}, budget {budget})")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -148,8 +161,9 @@ def test_emulated_implicit_path_matches_float64_reference(emulated, name, dtype)
     tensors, geometry = problem(case, dtype)
     x, o, w, b, m = tensors
     out_exact, grad, grads_exact = exact(case, tensors)
+    bound = bounds(case, tensors, grad, dtype)
     out = emulated.dcn_forward(x, w, o, m, b, *geometry, "implicit", 0)
-    assert_close_in_precision(out, out_exact, dtype, IMPLICIT_ROUNDOFF, "output")
+    assert_rounded(out, out_exact, bound, 0, dtype, IMPLICIT_ROUNDOFF, "output")
     # The deterministic input gradient goes through column-gradient chunks: of images, or of pixels (in float32
     # and not for the widest case only: the chunking depends neither on the dtype nor on the width, and fewer
     # runs keep CI short).
@@ -158,33 +172,54 @@ def test_emulated_implicit_path_matches_float64_reference(emulated, name, dtype)
         runs.append((True, pixel_chunk_budget(case)))
     for deterministic, budget in runs:
         got = emulated_grads(emulated, tensors, geometry, grad, dtype, "implicit", deterministic, budget)
-        for label, g, e in zip(grad_names(b, m), got, grads_exact):
-            assert_close_in_precision(g, e, dtype, IMPLICIT_ROUNDOFF,
-                                      f"{label} (deterministic={deterministic}, budget {budget})")
+        for i, (label, g, e) in enumerate(zip(grad_names(b, m), got, grads_exact)):
+            assert_rounded(g, e, bound, i + 1, dtype, IMPLICIT_ROUNDOFF,
+                           f"{label} (deterministic={deterministic}, budget {budget})")
 
 
-def test_emulated_deterministic_backward_is_bitwise_reproducible_and_split_independent(emulated):
+@pytest.mark.parametrize("path", ["simple", "implicit"])
+def test_emulated_deterministic_backward_does_not_depend_on_the_schedule(emulated, path):
+    # Under one schedule the emulator repeats itself exactly, so two runs prove nothing. CUDA orders neither the
+    # blocks of a grid nor the threads of a block: other schedule seeds run both in other orders. The
+    # deterministic backward gives the same bits under every one; its twin, the atomic backward, adds its input
+    # gradient in schedule order and does not (so the schedules do reach the order of the sums).
     case = IMPLICIT_CASES["wide_groups"]
     tensors, geometry = problem(case, torch.float32, seed=8)
-    _, grad, grads_exact = exact(case, tensors)
-    emulated.set_multiprocessors(3)
-    first = emulated_grads(emulated, tensors, geometry, grad, torch.float32, "implicit", True)
-    again = emulated_grads(emulated, tensors, geometry, grad, torch.float32, "implicit", True)
-    for a, b in zip(first, again):
-        assert torch.equal(a, b)
-    # Another SM count changes the split-K of the weight gradient, not the result beyond rounding.
-    emulated.set_multiprocessors(40)
+    _, grad, _ = exact(case, tensors)
+    runs = {}
     try:
-        more_splits = emulated_grads(emulated, tensors, geometry, grad, torch.float32, "implicit", True)
+        for seed in (0, 1, 2):
+            emulated.set_schedule_seed(seed)
+            runs[seed] = {deterministic: emulated_grads(emulated, tensors, geometry, grad, torch.float32, path,
+                                                        deterministic) for deterministic in (False, True)}
+    finally:
+        emulated.set_schedule_seed(0)
+    for seed in (1, 2):
+        for label, a, b in zip(grad_names(tensors[3], tensors[4]), runs[0][True], runs[seed][True]):
+            assert torch.equal(a, b), f"deterministic {label} gradient changed with schedule seed {seed}"
+    assert any(not torch.equal(a, b) for seed in (1, 2) for a, b in zip(runs[0][False][:1], runs[seed][False][:1])), \
+        "the atomic input gradient gave the same bits under every schedule: the schedules do not reorder its sums"
+
+
+def test_emulated_deterministic_backward_is_split_independent(emulated):
+    # The implicit path splits its weight gradient's pixels (split-K) by the SM count: 512 pixels make 1 split
+    # with 1 SM and 2 with 40 (at least 8 K steps of 32 per split). Other bits, the same result up to rounding.
+    case = Case(2, 96, 66, (16, 16), (3, 3), (1, 1), (1, 1), (1, 1), 2, 3, True, True)
+    tensors, geometry = problem(case, torch.float32, seed=8)
+    _, grad, grads_exact = exact(case, tensors)
+    bound = bounds(case, tensors, grad, torch.float32)
+    results = {}
+    try:
+        for sms in (1, 40):
+            emulated.set_multiprocessors(sms)
+            results[sms] = emulated_grads(emulated, tensors, geometry, grad, torch.float32, "implicit", True)
     finally:
         emulated.set_multiprocessors(3)
-    for a, b, e in zip(first, more_splits, grads_exact):
-        assert_close_in_precision(b, e, torch.float32, IMPLICIT_ROUNDOFF, "more splits")
-        assert (a - b).abs().max().item() <= 8 * IMPLICIT_ROUNDOFF[torch.float32] * e.abs().max().item()
-    simple = emulated_grads(emulated, tensors, geometry, grad, torch.float32, "simple", True)
-    simple_again = emulated_grads(emulated, tensors, geometry, grad, torch.float32, "simple", True)
-    for a, b in zip(simple, simple_again):
-        assert torch.equal(a, b)
+    for sms, got in results.items():
+        for i, (label, g) in enumerate(zip(grad_names(tensors[3], tensors[4]), got)):
+            assert_rounded(g, grads_exact[i], bound, i + 1, torch.float32, IMPLICIT_ROUNDOFF, f"{label}, {sms} SMs")
+    assert not torch.equal(results[1][2], results[40][2]), \
+        "the weight gradient has the same bits with 1 and 40 SMs: the split-K did not change"
 
 
 @pytest.mark.parametrize("path", ["simple", "implicit"])
@@ -199,8 +234,9 @@ def test_emulated_bias_that_is_not_contiguous(emulated, path, kind):
     expected = reference.deform_conv2d(x.double(), o.double(), w.double(), bias.double(), mask=m.double(),
                                        **case.kwargs())
     got = emulated.dcn_forward(x, w, o, m, bias, *geometry, path, BIG_BUDGET)
+    bound = bounds(case, (x, o, w, bias, m), torch.ones_like(expected), torch.float32)
     roundoff = IMPLICIT_ROUNDOFF if path == "implicit" else SIMPLE_ROUNDOFF
-    assert_close_in_precision(got, expected, torch.float32, roundoff, "output", factor=64)
+    assert_rounded(got, expected, bound, 0, torch.float32, roundoff, "output")
 
 
 def non_finite_problem():

@@ -136,22 +136,30 @@ def test_non_finite_offsets_cuda():
 
 
 @pytest.mark.slow
-def test_more_than_2_to_the_31_column_elements():
-    # One image whose column buffer has 64 * 9 * 2048 * 2048 = 2.4e9 > 2^31 elements: 64-bit indexing.
-    # An offset of +1 row everywhere with a unit mask equals conv2d with 0 rows of padding above and 2 below.
+def test_an_input_of_more_than_2_to_the_31_elements():
+    # Nine images of 64 x 2048 x 2048: the last one starts at element 8 * 2^28 = 2^31, so reading it, and writing
+    # its input gradient, needs 64-bit indices. (A column buffer can no longer pass 2^31: chunks cap it at 2^28
+    # elements.) An offset of +1 row everywhere with a unit mask equals conv2d with 0 rows of padding above and
+    # 2 below; the last image must also give what it gives alone, where every index fits in 32 bits.
     free, _ = torch.cuda.mem_get_info()
-    if free < 24 * 2**30:
-        pytest.skip("needs 24 GiB of free GPU memory")
-    x = torch.randn(1, 64, 2048, 2048, device="cuda")
+    if free < 32 * 2**30:
+        pytest.skip("needs 32 GiB of free GPU memory")
+    x = torch.randn(9, 64, 2048, 2048, device="cuda")
+    assert x.numel() > 2**31 and x[8].storage_offset() == 2**31
     w = torch.randn(4, 64, 3, 3, device="cuda") / 24
-    offset = torch.zeros(1, 18, 2048, 2048, device="cuda")
+    offset = torch.zeros(9, 18, 512, 512, device="cuda")
     offset[:, 0::2] = 1.0
-    got = aecr_ops.deform_conv2d(x, offset, w, padding=1)
-    expected = F.conv2d(F.pad(x, (1, 1, 0, 2)), w)
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
-    del got, expected
-    xg = x.clone().requires_grad_(True)
-    aecr_ops.deform_conv2d(xg, offset, w, padding=1).sum().backward()
-    xc = x.clone().requires_grad_(True)
-    F.conv2d(F.pad(xc, (1, 1, 0, 2)), w).sum().backward()
-    torch.testing.assert_close(xg.grad, xc.grad, rtol=1e-3, atol=1e-3)
+    last = x[8:9]
+    got = aecr_ops.deform_conv2d(x, offset, w, stride=4, padding=1)[8:9]
+    alone = aecr_ops.deform_conv2d(last, offset[8:9], w, stride=4, padding=1)
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, F.conv2d(F.pad(last, (1, 1, 0, 2)), w, stride=4), rtol=1e-3, atol=1e-3)
+    del got
+    xg = x.requires_grad_(True)
+    aecr_ops.deform_conv2d(xg, offset, w, stride=4, padding=1).sum().backward()
+    got_grad = xg.grad[8:9].clone()
+    del xg, x
+    lg = last.detach().clone().requires_grad_(True)
+    aecr_ops.deform_conv2d(lg, offset[8:9], w, stride=4, padding=1).sum().backward()
+    torch.testing.assert_close(got_grad, lg.grad, rtol=1e-5, atol=1e-5)
+    assert got_grad.abs().sum() > 0

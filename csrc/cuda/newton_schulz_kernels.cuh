@@ -8,6 +8,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#if defined(AECR_CUDA_EMULATION)
+#include <source_location>
+#endif
 
 #include "aecr/newton_schulz.h"
 #include "cuda/device_memory.cuh"
@@ -20,11 +23,16 @@ namespace {
 constexpr int kNsMaxThreads = 512;
 
 struct BlockSync {
+#if defined(AECR_CUDA_EMULATION)
+  // The emulator tells barriers apart by source location: each call site of the wrapper is its own barrier.
+  void operator()(const std::source_location site = std::source_location::current()) const { __syncthreads(site); }
+#else
   AECR_HOST_DEVICE void operator()() const {
-#if defined(__CUDA_ARCH__) || defined(AECR_CUDA_EMULATION)
+#if defined(__CUDA_ARCH__)
     __syncthreads();
 #endif
   }
+#endif
 };
 
 template <typename V>

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cuda/device_memory.cuh"
+#include "cuda/newton_schulz_kernels.cuh"
 
 namespace {
 
@@ -20,7 +21,7 @@ using aecr::Shared;
 constexpr int kWarp = 32;
 
 // Thread 0 writes, thread `reader` reads: ordered only by the barrier (`sync` 1: __syncthreads, 2: __syncwarp,
-// 3: a shuffle, 0: nothing).
+// 3: a shuffle, which orders no memory, 4: a __syncwarp of lanes 0-15 only, 0: nothing).
 __global__ void write_then_read_kernel(int reader, int sync, Global<float> out) {
   __shared__ Shared<float[64]> s;
   const int tid = threadIdx.x;
@@ -28,7 +29,22 @@ __global__ void write_then_read_kernel(int reader, int sync, Global<float> out) 
   if (sync == 1) __syncthreads();
   if (sync == 2) __syncwarp();
   if (sync == 3) (void)__shfl_xor_sync(0xffffffffu, tid, 1);
+  if (sync == 4 && tid < 16) __syncwarp(0x0000ffffu);
   if (tid == reader) out[0] = s[0];
+}
+
+// Lanes 0 and 1 read s[0], then the lanes of `mask` (which holds lanes 0 and 2) __syncwarp, then lane 2
+// overwrites s[0]: a race unless the mask holds lane 1 too.
+__global__ void read_then_write_kernel(unsigned mask, Global<float> out) {
+  __shared__ Shared<float[32]> s;
+  const int tid = threadIdx.x;
+  if (tid == 0) s[0] = 1.f;
+  __syncthreads();
+  float v = 0.f;
+  if (tid < 2) v = s[0];
+  if (mask >> tid & 1u) __syncwarp(mask);
+  if (tid == 2) s[0] = 2.f;
+  if (tid < 2) out[tid] = v;
 }
 
 // Two threads write one shared address in the same interval.
@@ -93,19 +109,29 @@ __global__ void partial_fill_kernel(int written, Global<float> out) {
   out[blockIdx.x * 64 + tid] = s[tid];
 }
 
-// A barrier reached by half the block (`mode` 1), or two different barriers (2), or one (0).
+// A barrier reached by half the block (`mode` 1), or two different barriers (2), or two different barriers
+// behind one wrapper (3: the Newton-Schulz kernels' BlockSync), or one (0) or one behind the wrapper (4).
 __global__ void barrier_kernel(int mode, Global<float> out) {
   const int tid = threadIdx.x;
+  const aecr::BlockSync sync;
   if (mode == 0) {
     __syncthreads();
   } else if (mode == 1) {
     if (tid < 16) __syncthreads();
-  } else {
+  } else if (mode == 2) {
     if (tid < 16) {
       __syncthreads();
     } else {
       __syncthreads();
     }
+  } else if (mode == 3) {
+    if (tid < 16) {
+      sync();
+    } else {
+      sync();
+    }
+  } else {
+    sync();
   }
   out[tid] = 1.f;
 }
@@ -115,6 +141,55 @@ __global__ void shuffle_after_return_kernel(bool broken, Global<float> out) {
   const int tid = threadIdx.x;
   if (broken && tid % kWarp >= 16) return;
   out[tid] = __shfl_xor_sync(0xffffffffu, static_cast<float>(tid), 1);
+}
+
+// Warp operations of lanes 0-15 (mask 0x0000ffff). `mode` 0: a shuffle from lane 5; 1: from lane 20, outside the
+// mask; 2: the two halves of the warp at different __syncwarp calls; 3: all lanes at one.
+__global__ void warp_ops_kernel(int mode, Global<float> out) {
+  const int tid = threadIdx.x;
+  float v = static_cast<float>(tid);
+  if (mode <= 1 && tid < 16) v = __shfl_sync(0x0000ffffu, v, mode == 0 ? 5 : 20);
+  if (mode == 2) {
+    if (tid < 16) {
+      __syncwarp();
+    } else {
+      __syncwarp();
+    }
+  }
+  if (mode == 3) __syncwarp();
+  out[tid] = v;
+}
+
+// Block 0 reads data[0]; block 1 writes data[0] (`broken`) or data[1]: blocks are not ordered.
+__global__ void cross_block_kernel(bool broken, Global<float> data, Global<float> out) {
+  if (threadIdx.x != 0) return;
+  if (blockIdx.x == 0) out[0] = data[0];
+  if (blockIdx.x == 1) data[broken ? 0 : 1] = 2.f;
+}
+
+// One warp multiplies a 16 x 8 tile of ones by an 8 x 16 one (TF32 WMMA) and stores the 16 x 16 result (every
+// element 8) to shared memory; lane `reader` reads element 5 back, which lane 5 stored. `mode` 0: __syncwarp
+// before the read; 1: none (a race with lane 5 unless the reader is lane 5); 2: only lanes 0-15 reach mma_sync;
+// 3: the A tile 4 bytes off its 256-bit alignment; 4: an ldm of 6 floats (not a multiple of 16 bytes).
+__global__ void wmma_kernel(int mode, int reader, Global<float> out) {
+  namespace wmma = nvcuda::wmma;
+  __shared__ __align__(32) Shared<float[16 * 8 + 8]> a_s;
+  __shared__ __align__(32) Shared<float[8 * 16]> b_s;
+  __shared__ __align__(32) Shared<float[16 * 16]> c_s;
+  const int tid = threadIdx.x;
+  for (int i = tid; i < 16 * 8 + 8; i += kWarp) a_s[i] = 1.f;
+  for (int i = tid; i < 8 * 16; i += kWarp) b_s[i] = 1.f;
+  __syncthreads();
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> c;
+  wmma::fill_fragment(c, 0.f);
+  wmma::load_matrix_sync(a, &a_s[mode == 3 ? 1 : 0], mode == 4 ? 6 : 8);
+  wmma::load_matrix_sync(b, &b_s[0], 16);
+  if (mode != 2 || tid < 16) wmma::mma_sync(c, a, b, c);
+  wmma::store_matrix_sync(&c_s[0], c, 16, wmma::mem_row_major);
+  if (mode == 0) __syncwarp();
+  if (tid == reader) out[0] = c_s[5];
 }
 
 // Static shared memory of `Bytes` bytes.
@@ -145,6 +220,11 @@ void register_broken_kernels(pybind11::module_& m) {
   m.def("write_then_read", [](int threads, int reader, int sync) {
     at::Tensor out = zeros(1);
     EmulatedLauncher{}(write_then_read_kernel, dim3(1), dim3(threads), reader, sync, device_ptr<float>(out));
+    return out;
+  });
+  m.def("read_then_write", [](unsigned mask) {
+    at::Tensor out = zeros(2);
+    EmulatedLauncher{}(read_then_write_kernel, dim3(1), dim3(32), mask, device_ptr<float>(out));
     return out;
   });
   m.def("write_write", [](bool broken) {
@@ -189,6 +269,21 @@ void register_broken_kernels(pybind11::module_& m) {
   m.def("shuffle_after_return", [](bool broken) {
     at::Tensor out = zeros(32);
     EmulatedLauncher{}(shuffle_after_return_kernel, dim3(1), dim3(32), broken, device_ptr<float>(out));
+    return out;
+  });
+  m.def("warp_ops", [](int mode) {
+    at::Tensor out = zeros(32);
+    EmulatedLauncher{}(warp_ops_kernel, dim3(1), dim3(32), mode, device_ptr<float>(out));
+    return out;
+  });
+  m.def("cross_block", [](bool broken) {
+    at::Tensor data = at::ones({2}, at::kFloat), out = zeros(1);
+    EmulatedLauncher{}(cross_block_kernel, dim3(2), dim3(32), broken, device_ptr<float>(data), device_ptr<float>(out));
+    return out;
+  });
+  m.def("wmma", [](int mode, int reader) {
+    at::Tensor out = zeros(1);
+    EmulatedLauncher{}(wmma_kernel, dim3(1), dim3(32), mode, reader, device_ptr<float>(out));
     return out;
   });
   m.def("static_shared", [](bool broken) {

@@ -128,6 +128,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_resources", &set_resources, "kernel name -> (registers, max threads, shared bytes); strict: unknown "
                                          "kernels may not launch");
   m.def("set_multiprocessors", &aecr_emulation::set_multiprocessors);
+  m.def("set_schedule_seed", &aecr_emulation::set_schedule_seed, "0: blocks and threads in index order; else an "
+                                                                 "order drawn from the seed");
   m.def("launched", [] { return aecr_emulation::launched(); }, "kernel name -> launches so far");
   m.def("launched_blocks", [] { return aecr_emulation::launched_blocks(); }, "kernel name -> blocks launched so far");
   register_broken_kernels(m);

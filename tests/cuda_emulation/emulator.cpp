@@ -11,10 +11,13 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <numeric>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <unordered_map>
@@ -118,6 +121,7 @@ struct Registry {
   std::map<std::string, int64_t> launched;
   std::map<std::string, int64_t> blocks;  // blocks launched, by kernel
   int64_t sms = 3;
+  uint64_t schedule_seed = 0;  // 0: blocks and threads in index order; else a permutation of each drawn from it
 };
 
 Registry& registry() {
@@ -137,6 +141,7 @@ struct Fiber {
   State state = State::Ready;
   std::source_location site;  // where it waits
   unsigned mask = 0;           // of the warp operation it waits at
+  bool orders_memory = false;  // that operation is a __syncwarp
 };
 
 struct Warp {
@@ -147,7 +152,7 @@ struct Warp {
 struct BlockRun {
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
-  std::vector<uint32_t> warp_epochs;
+  std::vector<uint32_t> lane_clocks;  // 32 per thread: see Context::lane_clock
   ucontext_t scheduler;
   const std::function<void()>* body = nullptr;
   Fiber* current = nullptr;
@@ -218,10 +223,30 @@ void resume(BlockRun& r, size_t t) {
   r.current = &f;
   context.tid = static_cast<unsigned>(t);
   context.warp = static_cast<unsigned>(t / 32);
+  context.lane_clock = &r.lane_clocks[t * 32];
   threadIdx = dim3(static_cast<unsigned>(t % blockDim.x), static_cast<unsigned>((t / blockDim.x) % blockDim.y),
                    static_cast<unsigned>(t / (blockDim.x * blockDim.y)));
   f.state = State::Ready;
   swapcontext(&r.scheduler, &f.context);
+}
+
+// A __syncwarp of the lanes of `mask` (warp starting at thread `lo`): each learns what the others know, and their
+// own counts move past the largest of them.
+void synchronise_lanes(BlockRun& r, size_t lo, unsigned mask) {
+  uint32_t merged[32] = {};
+  uint32_t next = 0;
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    if (!(mask >> lane & 1u)) continue;
+    const uint32_t* clock = &r.lane_clocks[(lo + lane) * 32];
+    for (unsigned k = 0; k < 32; ++k) merged[k] = std::max(merged[k], clock[k]);
+    next = std::max(next, clock[lane] + 1);
+  }
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    if (mask >> lane & 1u) merged[lane] = next;
+  }
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    if (mask >> lane & 1u) std::copy(merged, merged + 32, &r.lane_clocks[(lo + lane) * 32]);
+  }
 }
 
 // Releases the warp operations whose participants have all arrived; returns whether any was.
@@ -253,7 +278,7 @@ bool release_warps(BlockRun& r) {
         if (f.mask >> lane & 1u) r.fibers[lo + lane].state = State::Ready;
       }
       ++r.warps[w].generation;
-      ++r.warp_epochs[w];
+      if (f.orders_memory) synchronise_lanes(r, lo, f.mask);
       any = true;
       break;
     }
@@ -361,6 +386,7 @@ void set_resources(std::map<std::string, KernelResources> table, bool strict) {
 }
 
 void set_multiprocessors(int64_t sms) { registry().sms = sms; }
+void set_schedule_seed(uint64_t seed) { registry().schedule_seed = seed; }
 int64_t multiprocessors() { return registry().sms; }
 
 const std::map<std::string, int64_t>& launched() { return registry().launched; }
@@ -390,8 +416,9 @@ void fail(const std::string& what) {
 
 void block_barrier(const std::source_location& site) { switch_to_scheduler(State::AtBarrier, site, 0); }
 
-void warp_barrier(unsigned mask, const std::source_location& site) {
+void warp_barrier(unsigned mask, const std::source_location& site, bool orders_memory) {
   if (!(mask >> (context.tid % 32) & 1u)) fail(where() + ": a warp operation whose mask leaves out the calling lane");
+  run_state->current->orders_memory = orders_memory;
   switch_to_scheduler(State::AtWarp, site, mask);
 }
 
@@ -401,7 +428,7 @@ uint64_t warp_exchange(unsigned mask, uint64_t value, unsigned source, const std
   const uint32_t generation = w.generation;
   const unsigned lane = context.tid % 32;
   w.slots[generation & 1][lane] = value;
-  warp_barrier(mask, site);
+  warp_barrier(mask, site, false);
   if (source >= 32 || !(mask >> source & 1u)) fail(where() + ": a shuffle reads lane " + std::to_string(source) +
                                                    " outside its mask");
   return w.slots[generation & 1][source];
@@ -410,34 +437,40 @@ uint64_t warp_exchange(unsigned mask, uint64_t value, unsigned source, const std
 void run(KernelInfo& kernel, const LaunchShape& shape, const std::function<void()>& body) {
   if (run_state != nullptr) throw std::runtime_error("CUDA emulation: a kernel launched from inside a kernel");
   check_shape(kernel, shape);
-  {
-    Registry& reg = registry();
-    std::lock_guard<std::mutex> lock(reg.mutex);
-    ++reg.launched[kernel.name];
-    reg.blocks[kernel.name] += int64_t(shape.grid.x) * shape.grid.y * shape.grid.z;
-  }
   const dim3 grid = shape.grid, block = shape.block;
   const size_t threads = size_t(block.x) * block.y * block.z;
   BlockRun r;
   r.fibers.resize(threads);
   r.warps.resize((threads + 31) / 32);
-  r.warp_epochs.assign(r.warps.size(), 0);
+  r.lane_clocks.assign(r.warps.size() * 32 * 32, 0);
   r.body = &body;
   gridDim = grid;
   blockDim = block;
   context = Context{};
   context.kernel = &kernel;
-  context.warp_epochs = r.warp_epochs.data();
   begin_launch(kernel, shape);
   run_state = &r;
   bool failed = false;
-  for (unsigned z = 0; z < grid.z && !failed; ++z) {
-    for (unsigned y = 0; y < grid.y && !failed; ++y) {
-      for (unsigned x = 0; x < grid.x && !failed; ++x) {
+  // CUDA orders neither the blocks of a grid nor the threads of a block; a schedule seed draws another order of
+  // both, so that a test can show a result does not depend on it (or, for atomics, that it does).
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  std::vector<uint64_t> block_order(blocks), thread_order(threads);
+  std::iota(block_order.begin(), block_order.end(), 0);
+  std::iota(thread_order.begin(), thread_order.end(), 0);
+  if (const uint64_t seed = registry().schedule_seed; seed != 0) {
+    std::mt19937_64 draw(seed);
+    std::shuffle(block_order.begin(), block_order.end(), draw);
+    std::shuffle(thread_order.begin(), thread_order.end(), draw);
+  }
+  for (uint64_t b = 0; b < blocks && !failed; ++b) {
+    {
+      const uint64_t i = block_order[b];
+      const unsigned x = unsigned(i % grid.x), y = unsigned(i / grid.x % grid.y), z = unsigned(i / grid.x / grid.y);
+      {
         blockIdx = dim3(x, y, z);
         context.block_serial = ++serial_counter;
         context.block_epoch = 0;
-        std::fill(r.warp_epochs.begin(), r.warp_epochs.end(), 0);
+        std::fill(r.lane_clocks.begin(), r.lane_clocks.end(), 0);
         begin_block(kernel);
         for (size_t t = 0; t < threads; ++t) {
           Fiber& f = r.fibers[t];
@@ -452,7 +485,8 @@ void run(KernelInfo& kernel, const LaunchShape& shape, const std::function<void(
         try {
           for (;;) {
             bool ran = false;
-            for (size_t t = 0; t < threads; ++t) {
+            for (size_t i = 0; i < threads; ++i) {
+              const size_t t = thread_order[i];
               if (r.fibers[t].state != State::Ready) continue;
               resume(r, t);
               ran = true;
@@ -476,6 +510,11 @@ void run(KernelInfo& kernel, const LaunchShape& shape, const std::function<void(
     for (const std::string& e : r.errors) message += "\n  " + e;
     throw std::runtime_error(message);
   }
+  // Counted only once it completed: a launch that a check stopped did not cover its kernel.
+  Registry& reg = registry();
+  std::lock_guard<std::mutex> lock(reg.mutex);
+  ++reg.launched[kernel.name];
+  reg.blocks[kernel.name] += int64_t(blocks);
 }
 
 }  // namespace aecr_emulation

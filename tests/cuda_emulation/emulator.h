@@ -1,7 +1,7 @@
 // The runtime of the CPU emulator of CUDA (see cuda_emulation.h): launches, the threads of a block as fibers,
 // barriers, and the checks that need no memory instrumentation (launch limits, barrier divergence).
 //
-// A launch runs its blocks one after another. The threads of a block are fibers (ucontext) on the calling
+// A launch runs its blocks one after another (in index order, or in an order drawn from a schedule seed). The threads of a block are fibers (ucontext) on the calling
 // thread, resumed in thread order until each waits at a barrier, a warp operation or the kernel's end; then the
 // barrier or warp operation that every participant reached is released. That is deterministic, and it turns
 // a barrier that some threads never reach into an error naming the kernel instead of a hang.
@@ -54,8 +54,12 @@ KernelInfo& kernel_info(const void* kernel);
 void set_resources(std::map<std::string, KernelResources> table, bool strict);
 void set_multiprocessors(int64_t sms);
 int64_t multiprocessors();
+// 0 (the default): blocks run in index order and a block's threads resume in index order; another value runs
+// both in an order drawn from it.
+void set_schedule_seed(uint64_t seed);
 
 // Names of every kernel launched by this process, and how often; and how many blocks they launched in all.
+// A launch counts once it completed without a failed check.
 const std::map<std::string, int64_t>& launched();
 const std::map<std::string, int64_t>& launched_blocks();
 
@@ -66,8 +70,13 @@ struct Context {
   uint64_t block_serial = 0;     // a new value for every block of every launch
   uint32_t block_epoch = 0;      // __syncthreads passed by this block
   unsigned tid = 0, warp = 0;    // linear thread index in the block, its warp
-  const uint32_t* warp_epochs = nullptr;  // warp-level synchronisations passed, per warp
-  uint32_t warp_epoch() const { return warp_epochs[warp]; }
+  // What this lane knows of the __syncwarp counts of its warp's lanes (32 entries): a lane's count is a Lamport
+  // clock (a __syncwarp sets its lanes' counts past the largest of them), and only the lanes of the mask learn
+  // each other's. A lane's access at count t is ordered before another lane's if that lane knows a count past t.
+  // Shuffles and votes exchange values but do not order memory (only __syncwarp and barriers do).
+  const uint32_t* lane_clock = nullptr;
+  uint32_t warp_epoch() const { return lane_clock[tid % 32]; }       // this lane's own count
+  uint32_t knows(unsigned lane) const { return lane_clock[lane]; }   // its knowledge of another lane's
 };
 
 inline thread_local Context context;
@@ -80,9 +89,10 @@ void report(const std::string& what);
 // "kernel im2col_kernel<float>, block (0,0,0), thread (5,0,0)": where the running thread is.
 std::string where();
 
-// Barriers: the whole block, or the lanes of `mask` in the running thread's warp.
+// Barriers: the whole block, or the lanes of `mask` in the running thread's warp (`orders_memory`: __syncwarp;
+// a shuffle or vote waits for its lanes too, but orders no memory).
 void block_barrier(const std::source_location& site);
-void warp_barrier(unsigned mask, const std::source_location& site);
+void warp_barrier(unsigned mask, const std::source_location& site, bool orders_memory = true);
 
 // Exchange through the warp: every lane of `mask` offers `value` and receives the value lane `source` offered.
 uint64_t warp_exchange(unsigned mask, uint64_t value, unsigned source, const std::source_location& site);

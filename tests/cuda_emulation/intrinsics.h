@@ -134,10 +134,16 @@ void check_access(const aecr_emulation::Ptr<P>& pointer, unsigned ldm, const cha
   }
 }
 
+// WMMA operations are collective: all 32 lanes of the warp, converged, at the same call (a lane that diverged or
+// returned is an error naming the call). They wait for each other but order no memory.
+inline void collective(const std::source_location& site) { aecr_emulation::warp_barrier(0xffffffffu, site, false); }
+
 template <typename Use, int M, int N, int K, typename T, typename Layout, typename P>
-void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const aecr_emulation::Ptr<P>& pointer, unsigned ldm) {
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const aecr_emulation::Ptr<P>& pointer, unsigned ldm,
+                      const std::source_location site = std::source_location::current()) {
   static_assert(std::is_same<std::remove_const_t<P>, typename memory_type<T>::type>::value,
                 "WMMA load from the fragment's type");
+  collective(site);
   check_access(pointer, ldm, "load_matrix_sync");
   using F = fragment<Use, M, N, K, T, Layout>;
   for (int i = 0; i < F::rows; ++i) {
@@ -150,13 +156,16 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const aecr_emulation
 
 template <int M, int N, int K>
 void store_matrix_sync(const aecr_emulation::Ptr<float>& pointer, const fragment<accumulator, M, N, K, float>& f,
-                       unsigned ldm, layout_t layout) {
+                       unsigned ldm, layout_t layout,
+                       const std::source_location site = std::source_location::current()) {
+  collective(site);
   check_access(pointer, ldm, "store_matrix_sync");
-  if (threadIdx.x % 32 != 0) return;  // the warp stores once
-  for (int i = 0; i < M; ++i) {
-    for (int j = 0; j < N; ++j) {
-      pointer[layout == mem_row_major ? int64_t(i) * ldm + j : i + int64_t(j) * ldm] = f.x[i * N + j];
-    }
+  // Each lane stores its share of the tile (the hardware's split is unspecified: element e goes to lane e % 32),
+  // so the race check sees 32 writers: a lane that reads the tile back needs __syncwarp first.
+  const unsigned lane = aecr_emulation::context.tid % 32;
+  for (int e = static_cast<int>(lane); e < M * N; e += 32) {
+    const int i = e / N, j = e % N;
+    pointer[layout == mem_row_major ? int64_t(i) * ldm + j : i + int64_t(j) * ldm] = f.x[e];
   }
 }
 
@@ -167,7 +176,9 @@ void fill_fragment(fragment<accumulator, M, N, K, float>& f, float v) {
 
 template <int M, int N, int K, typename T, typename LA, typename LB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-              const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+              const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c,
+              const std::source_location site = std::source_location::current()) {
+  collective(site);
   float out[M * N];
   for (int i = 0; i < M; ++i) {
     for (int j = 0; j < N; ++j) {

@@ -7,6 +7,7 @@
 #include <memory>
 #include <sstream>
 #include <unordered_map>
+#include <vector>
 
 namespace aecr_emulation {
 
@@ -17,11 +18,15 @@ struct Shadow {
   uint32_t writer = 0;
   bool write_atomic = false;
   uint64_t read_serial = 0;  // block of the reads summarised (0: none)
-  uint32_t read_epoch = 0, read_warp_epoch = 0;  // the latest of the reads
-  uint32_t read_warps = 0;                        // warps that read in that epoch
-  uint32_t reader = 0;                            // the last reader
-  bool many_readers = false;                      // more than one thread read in that epoch
-  bool many_blocks = false;                       // global memory: read by more than one block of the launch
+  uint32_t read_epoch = 0;       // the block epoch of the reads summarised
+  uint32_t read_warp_epoch = 0;  // the reader's own __syncwarp count at its latest read (one reader)
+  uint32_t read_warps = 0;       // warps that read in that epoch
+  uint32_t reader = 0;           // the last reader
+  bool many_readers = false;     // more than one thread read in that epoch
+  bool many_blocks = false;      // global memory: read by more than one block of the launch
+  // With many readers: by lane, 1 + its own __syncwarp count at its latest read (0: no read). Lanes of other
+  // warps share these entries, but a write after another warp's read in the same epoch is a race anyway.
+  std::vector<uint32_t> lane_reads;
 };
 
 namespace {
@@ -72,7 +77,22 @@ bool ordered(uint64_t serial, uint32_t epoch, uint32_t other, uint32_t warp_epoc
   const Context& c = context;
   if (serial != c.block_serial) return false;
   if (other == c.tid || epoch < c.block_epoch) return true;
-  return other / 32 == c.warp && warp_epoch < c.warp_epoch();
+  return other / 32 == c.warp && warp_epoch < c.knows(other % 32);
+}
+
+// A read of this epoch by a lane of the running thread's warp that no __syncwarp orders before the running
+// thread (another warp's reads are checked apart); returns that reader's thread index, or -1.
+int64_t unordered_reader(const Shadow& c) {
+  const Context& x = context;
+  if (!c.many_readers) {
+    const bool unordered = c.reader != x.tid && c.reader / 32 == x.warp && x.knows(c.reader % 32) <= c.read_warp_epoch;
+    return unordered ? int64_t(c.reader) : -1;
+  }
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    if (lane == x.tid % 32 || c.lane_reads[lane] == 0) continue;
+    if (x.knows(lane) <= c.lane_reads[lane] - 1) return int64_t(x.warp) * 32 + lane;
+  }
+  return -1;
 }
 
 void race(const Extent& e, const void* at, Access kind, const char* earlier, uint32_t other, bool other_block,
@@ -114,20 +134,28 @@ void record(Shadow& c, const Extent& e, const void* at, Access kind, bool& repor
       c.read_warps = 0;
       c.read_warp_epoch = 0;
       c.many_readers = false;
+      c.lane_reads.clear();
       c.reader = x.tid;
     }
     c.read_warps |= 1u << x.warp;
-    if (c.reader != x.tid) c.many_readers = true;
+    if (c.reader != x.tid && !c.many_readers) {
+      c.many_readers = true;
+      c.lane_reads.assign(32, 0);
+      c.lane_reads[c.reader % 32] = c.read_warp_epoch + 1;
+    }
     c.reader = x.tid;
-    c.read_warp_epoch = std::max(c.read_warp_epoch, x.warp_epoch());
+    c.read_warp_epoch = x.warp_epoch();
+    if (c.many_readers) c.lane_reads[x.tid % 32] = std::max(c.lane_reads[x.tid % 32], x.warp_epoch() + 1);
     return;
   }
   if (global && (c.many_blocks || (c.read_serial != 0 && c.read_serial != x.block_serial))) {
     race(e, at, kind, "read", c.reader, true, reported);
   } else if (c.read_serial == x.block_serial && c.read_epoch == x.block_epoch) {
     const bool other_warp = (c.read_warps & ~(1u << x.warp)) != 0;
-    const bool same_warp_unsynced = (c.many_readers || c.reader != x.tid) && c.read_warp_epoch >= x.warp_epoch();
-    if (other_warp || same_warp_unsynced) race(e, at, kind, "read", c.reader, false, reported);
+    const int64_t unordered = other_warp ? -1 : unordered_reader(c);
+    if (other_warp || unordered >= 0) {
+      race(e, at, kind, "read", other_warp ? c.reader : uint32_t(unordered), false, reported);
+    }
   }
   c.write_serial = x.block_serial;
   c.write_epoch = x.block_epoch;

@@ -11,7 +11,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMULATOR = os.path.join(ROOT, "tests", "cuda_emulation")
 RESOURCES = os.path.join(ROOT, "benchmarks", "cuda_resources.json")
-SOURCES = ["emulated_kernels.cpp", "broken_kernels.cpp", "emulator.cpp", "memory.cpp"]
+SOURCES = ["emulated_kernels.cpp", "broken_kernels.cpp", "textbook_kernels.cpp", "emulator.cpp", "memory.cpp", "workspaces.cpp", "traffic.cpp"]
 
 
 def build(build_directory):

@@ -13,7 +13,7 @@ import emulation
 pytestmark = pytest.mark.slow
 
 TEST_KERNELS = ["write_then_read_kernel", "read_then_write_kernel", "warp_ops_kernel", "cross_block_kernel", "wmma_kernel", "write_write_kernel", "missing_loop_barrier_kernel", "accumulate_kernel",
-                "per_block_write_kernel", "copy_kernel", "shared_index_kernel", "partial_fill_kernel",
+                "per_block_write_kernel", "copy_kernel", "fill_kernel", "mixed_width_kernel", "shared_index_kernel", "partial_fill_kernel",
                 "barrier_kernel", "shuffle_after_return_kernel", "static_shared_kernel<49152>",
                 "static_shared_kernel<49156>", "dynamic_shared_kernel", "resource_kernel"]
 
@@ -103,6 +103,20 @@ def test_blocks_writing_one_element_race(checked):
     assert checked.per_block_write(False).tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
+def test_overlapping_accesses_of_different_widths_are_compared_byte_by_byte(checked):
+    # A double written by one block and the float in its upper half read by another share bytes 4-7 but not a
+    # start address; a float and the bf16-sized half of it share bytes 2-3.
+    fails(checked.mixed_width, 1, match=r"mixed_width_kernel, block \(1,0,0\), thread \(0,0,0\) reads kernel "
+                                        r"argument #2 \(byte 4 of its tensor's 16\) that another block of the "
+                                        r"launch wrote")
+    fails(checked.mixed_width, 3, match=r"mixed_width_kernel, block \(1,0,0\), thread \(0,0,0\) writes kernel "
+                                        r"argument #3 \(byte 2 of its tensor's 16\) that another block of the "
+                                        r"launch wrote")
+    # The twins touch neighbouring bytes only: adjacent 16-bit halves of one word do not race.
+    assert checked.mixed_width(0).view(torch.float64)[0].item() == 1.0
+    assert checked.mixed_width(2).view(torch.int16)[:2].tolist() == [1, 1]
+
+
 # ---- bounds -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shift", [1, -1])
@@ -126,6 +140,23 @@ def test_reading_shared_memory_the_block_has_not_written_is_an_error(checked):
                                                   r"\(1,0,0\), thread \(16,0,0\) reads __shared__ array #0 \(byte 64")
     checked.partial_fill(2, 64, out)
     assert out.tolist() == [2.0] * 128
+
+
+def test_a_read_of_a_workspace_no_kernel_wrote_is_an_error(checked):
+    fails(checked.read_workspace, 0, match=r"uninitialised global memory: kernel copy_kernel, block \(0,0,0\), "
+                                           r"thread \(0,0,0\) reads kernel argument #2 \(byte 0 of its tensor's "
+                                           r"128\), which no kernel has written since it was allocated")
+    fails(checked.read_workspace, 3, match=r"uninitialised global memory: .* thread \(16,0,0\) reads kernel "
+                                           r"argument #2 \(byte 64 of")
+    # Filled by an earlier launch, or by the host: no error.
+    assert checked.read_workspace(1).tolist() == [float(i) for i in range(32)]
+    assert checked.read_workspace(2).tolist() == [0.0] * 32
+
+
+def test_workspaces_are_poisoned_when_allocated(checked):
+    empty = checked.poisoned_empty(64)
+    assert torch.isnan(empty).all()
+    assert (empty.view(torch.uint8) == 0xFF).all()
 
 
 def test_shared_memory_is_poisoned_before_every_block(checked):

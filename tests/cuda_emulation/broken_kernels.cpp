@@ -90,6 +90,34 @@ __global__ void copy_kernel(int64_t n, int shift, Global<const float> in, Global
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = in[i + shift];
 }
 
+// Writes out[i] = i for i < n.
+__global__ void fill_kernel(int64_t n, Global<float> out) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = static_cast<float>(i);
+}
+
+// Thread 0 of block 0 and thread 0 of block 1 touch one 16-byte buffer through pointers of different widths:
+// `mode` 0: block 0 writes double 0 (bytes 0-7), block 1 reads float 2 (bytes 8-11); 1: block 1 reads float 1
+// (bytes 4-7, inside the double: a race); 2: the blocks write the two 16-bit halves of bytes 0-3 (no race); 3: block
+// 0 writes float 0 (bytes 0-3), block 1 its upper half (bytes 2-3: a race).
+__global__ void mixed_width_kernel(int mode, Global<double> wide, Global<float> narrow, Global<uint16_t> half) {
+  if (threadIdx.x != 0) return;
+  const bool first = blockIdx.x == 0;
+  if (mode <= 1) {
+    if (first) {
+      wide[0] = 1.0;
+    } else {
+      const float v = narrow[mode == 0 ? 2 : 1];
+      narrow[3] = v;
+    }
+  } else if (mode == 2) {
+    half[first ? 0 : 1] = 1;
+  } else if (first) {
+    narrow[0] = 1.f;
+  } else {
+    half[1] = 1;
+  }
+}
+
 // Indexes a __shared__ array one past its size.
 __global__ void shared_index_kernel(bool broken, Global<float> out) {
   __shared__ Shared<float[32]> s;
@@ -252,6 +280,30 @@ void register_broken_kernels(pybind11::module_& m) {
     EmulatedLauncher{}(copy_kernel, dim3(1), dim3(32), in.numel(), shift, device_ptr<const float>(in),
                        device_ptr<float>(out));
     return out;
+  });
+  m.def("mixed_width", [](int mode) {
+    at::Tensor bytes = at::zeros({16}, at::kByte);
+    EmulatedLauncher{}(mixed_width_kernel, dim3(2), dim3(32), mode, aecr::device_ptr_as<double>(bytes),
+                       aecr::device_ptr_as<float>(bytes), aecr::device_ptr_as<uint16_t>(bytes));
+    return bytes;
+  });
+  // A workspace allocated as a driver allocates it, then copied out by a kernel. `mode` 0: nothing wrote it (a read
+  // before any write); 1: a kernel of an earlier launch filled it; 2: the host zeroed it (at::zeros); 3: an earlier
+  // launch filled only its first 16 floats.
+  m.def("read_workspace", [](int mode) {
+    const aecr_emulation::PoisonedWorkspaces scope;
+    at::Tensor workspace = mode == 2 ? at::zeros({32}, at::kFloat) : at::empty({32}, at::kFloat);
+    if (mode == 1 || mode == 3) {
+      EmulatedLauncher{}(fill_kernel, dim3(1), dim3(32), int64_t(mode == 1 ? 32 : 16), device_ptr<float>(workspace));
+    }
+    at::Tensor out = at::empty({32}, at::kFloat);
+    EmulatedLauncher{}(copy_kernel, dim3(1), dim3(32), int64_t(32), 0, device_ptr<const float>(workspace),
+                       device_ptr<float>(out));
+    return out;
+  });
+  m.def("poisoned_empty", [](int64_t n) {
+    const aecr_emulation::PoisonedWorkspaces scope;
+    return at::empty({n}, at::kFloat);
   });
   m.def("shared_index", [](bool broken) {
     at::Tensor out = zeros(32);

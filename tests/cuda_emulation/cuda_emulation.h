@@ -3,6 +3,8 @@
 //
 //   emulator.h     launches, the threads of a block as fibers, barriers, launch limits, barrier divergence
 //   memory.h       checked global pointers and __shared__ arrays: bounds, races, uninitialised shared memory
+//   workspaces.h   poisoned allocations of the drivers, and reads of them before any write
+//   traffic.h      the counts of a launch's memory traffic and FLOPs, for the time model
 //   intrinsics.h   __syncthreads, __syncwarp, shuffles, fp16 / bf16, WMMA
 //
 // Kernels declare their memory through csrc/cuda/device_memory.cuh (`Global<T>`, `Shared<T[N]>`,
@@ -17,6 +19,7 @@
 #include "emulator.h"
 #include "intrinsics.h"
 #include "memory.h"
+#include "traffic.h"
 
 #define __global__
 #define __device__
@@ -43,7 +46,7 @@ Ptr<T> device_ptr(const at::Tensor& t, int64_t offset = 0) {
               ", strides ", t.strides(), "): kernels index their arguments as contiguous");
   V* base = t.data_ptr<V>();
   const auto* lo = reinterpret_cast<const unsigned char*>(base);
-  return Ptr<T>(base + offset, Extent{lo, lo + t.numel() * sizeof(V), nullptr, -1, true});
+  return Ptr<T>(base + offset, Extent{lo, lo + t.numel() * sizeof(V), nullptr, -1, true, find_workspace(lo)});
 }
 
 // The same for a byte tensor holding structures.
@@ -51,7 +54,7 @@ template <typename T>
 Ptr<T> device_ptr_as(const at::Tensor& bytes) {
   TORCH_CHECK(bytes.is_contiguous() && bytes.scalar_type() == at::kByte, "CUDA emulation: device_ptr_as of a byte tensor");
   auto* base = static_cast<unsigned char*>(bytes.data_ptr());
-  return Ptr<T>(reinterpret_cast<T*>(base), Extent{base, base + bytes.numel(), nullptr, -1, true});
+  return Ptr<T>(reinterpret_cast<T*>(base), Extent{base, base + bytes.numel(), nullptr, -1, true, find_workspace(base)});
 }
 
 template <typename T>

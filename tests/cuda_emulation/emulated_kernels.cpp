@@ -21,6 +21,7 @@
 
 namespace {
 
+using aecr_emulation::poisoned;  // every driver runs with its allocations poisoned and tracked (workspaces.h)
 using SimplePath = aecr::GpuDeformConvKernels<EmulatedLauncher>;
 using FastDeconv = aecr::FastDeconvDriver<aecr::GpuFastDeconvKernels<EmulatedLauncher>>;
 
@@ -113,18 +114,51 @@ void set_resources(const std::map<std::string, std::tuple<int64_t, int64_t, int6
 
 }  // namespace
 
-void register_broken_kernels(pybind11::module_& m);  // broken_kernels.cpp
+void register_broken_kernels(pybind11::module_& m);    // broken_kernels.cpp
+void register_textbook_kernels(pybind11::module_& m);  // textbook_kernels.cpp
+
+namespace {
+
+pybind11::list counted_launches() {
+  pybind11::list out;
+  for (const aecr_emulation::LaunchTraffic& t : aecr_emulation::counted_launches()) {
+    pybind11::dict d;
+    d["kernel"] = t.kernel;
+    d["blocks"] = t.blocks;
+    d["blocks_counted"] = t.blocks_counted;
+    d["threads"] = t.threads;
+    d["wave_blocks"] = t.wave_blocks;
+    d["load_requests"] = t.load_requests;
+    d["load_sectors"] = t.load_sectors;
+    d["store_requests"] = t.store_requests;
+    d["store_sectors"] = t.store_sectors;
+    d["atomic_requests"] = t.atomic_requests;
+    d["atomic_sectors"] = t.atomic_sectors;
+    d["atomics"] = t.atomics;
+    d["shared_requests"] = t.shared_requests;
+    d["shared_wavefronts"] = t.shared_wavefronts;
+    d["distinct_sectors"] = t.distinct_sectors;
+    d["dram_sectors"] = t.dram_sectors;
+    d["mma_flops"] = t.mma_flops;
+    d["fp32_flops"] = t.fp32_flops;
+    d["fp64_flops"] = t.fp64_flops;
+    out.append(d);
+  }
+  return out;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dcn_forward", &dcn_forward);
-  m.def("dcn_backward", &dcn_backward);
+  m.def("dcn_forward", poisoned(&dcn_forward));
+  m.def("dcn_backward", poisoned(&dcn_backward));
   m.def("implicit_workspace", &implicit_workspace);
   m.def("implicit_workspace_budget", [] { return aecr::kImplicitWorkspaceBudget; });
-  m.def("patch_statistics", &patch_statistics);
-  m.def("patch_statistics_backward", &patch_statistics_backward);
-  m.def("isqrt", &isqrt);
-  m.def("isqrt_backward", &isqrt_backward);
-  m.def("update_running", &update_running);
+  m.def("patch_statistics", poisoned(&patch_statistics));
+  m.def("patch_statistics_backward", poisoned(&patch_statistics_backward));
+  m.def("isqrt", poisoned(&isqrt));
+  m.def("isqrt_backward", poisoned(&isqrt_backward));
+  m.def("update_running", poisoned(&update_running));
   m.def("set_resources", &set_resources, "kernel name -> (registers, max threads, shared bytes); strict: unknown "
                                          "kernels may not launch");
   m.def("set_multiprocessors", &aecr_emulation::set_multiprocessors);
@@ -132,5 +166,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                                  "order drawn from the seed");
   m.def("launched", [] { return aecr_emulation::launched(); }, "kernel name -> launches so far");
   m.def("launched_blocks", [] { return aecr_emulation::launched_blocks(); }, "kernel name -> blocks launched so far");
+  m.def("start_counting", [](int64_t sample_blocks, int64_t multiprocessors, std::vector<int64_t> l2_bytes) {
+    aecr_emulation::TrafficOptions o;
+    o.sample_blocks = sample_blocks;
+    o.multiprocessors = multiprocessors;
+    o.l2_bytes = std::move(l2_bytes);
+    aecr_emulation::start_counting(o);
+  }, "count every launch's traffic (traffic.h), at most sample_blocks blocks a launch (0: all), with a DRAM "
+     "figure for each L2 size; the checks are off meanwhile");
+  m.def("stop_counting", &aecr_emulation::stop_counting);
+  m.def("counted_launches", &counted_launches, "the launches counted since start_counting, as dicts");
   register_broken_kernels(m);
+  register_textbook_kernels(m);
 }

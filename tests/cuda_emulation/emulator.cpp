@@ -23,6 +23,7 @@
 #include <unordered_map>
 
 #include "memory.h"
+#include "traffic.h"
 
 namespace aecr_emulation {
 namespace {
@@ -279,6 +280,7 @@ bool release_warps(BlockRun& r) {
       }
       ++r.warps[w].generation;
       if (f.orders_memory) synchronise_lanes(r, lo, f.mask);
+      count_warp_met(w);
       any = true;
       break;
     }
@@ -308,6 +310,7 @@ bool release_block(BlockRun& r) {
   if (waiting == r.fibers.size()) {
     for (Fiber& f : r.fibers) f.state = State::Ready;
     ++context.block_epoch;
+    count_block_met();
     return true;
   }
   std::ostringstream why;
@@ -462,7 +465,17 @@ void run(KernelInfo& kernel, const LaunchShape& shape, const std::function<void(
     std::shuffle(block_order.begin(), block_order.end(), draw);
     std::shuffle(thread_order.begin(), thread_order.end(), draw);
   }
+  // While measuring (traffic.h), a sample of the blocks.
+  int64_t first_counted = 0, counted = 0;
+  {
+    const auto& reg = registry();
+    const auto res = reg.resources.find(kernel.name);
+    const bool known = res != reg.resources.end();
+    count_launch(kernel.name, int64_t(blocks), int64_t(threads), known ? res->second.registers : 0,
+                 (known ? res->second.shared_bytes : 0) + int64_t(shape.dynamic_shared), first_counted, counted);
+  }
   for (uint64_t b = 0; b < blocks && !failed; ++b) {
+    if (int64_t(b) < first_counted || int64_t(b) >= first_counted + counted) continue;
     {
       const uint64_t i = block_order[b];
       const unsigned x = unsigned(i % grid.x), y = unsigned(i / grid.x % grid.y), z = unsigned(i / grid.x / grid.y);
@@ -472,6 +485,7 @@ void run(KernelInfo& kernel, const LaunchShape& shape, const std::function<void(
         context.block_epoch = 0;
         std::fill(r.lane_clocks.begin(), r.lane_clocks.end(), 0);
         begin_block(kernel);
+        count_block_start(threads);
         for (size_t t = 0; t < threads; ++t) {
           Fiber& f = r.fibers[t];
           f.stack = take_stack(t);
@@ -497,6 +511,7 @@ void run(KernelInfo& kernel, const LaunchShape& shape, const std::function<void(
             if (!release_block(r)) break;
           }
           end_block(kernel);
+          count_block_end();
         } catch (const Abort&) {
           failed = true;
         }
@@ -510,6 +525,7 @@ void run(KernelInfo& kernel, const LaunchShape& shape, const std::function<void(
     for (const std::string& e : r.errors) message += "\n  " + e;
     throw std::runtime_error(message);
   }
+  count_launch_end();
   // Counted only once it completed: a launch that a check stopped did not cover its kernel.
   Registry& reg = registry();
   std::lock_guard<std::mutex> lock(reg.mutex);

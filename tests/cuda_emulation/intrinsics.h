@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "memory.h"
+#include "traffic.h"
 
 inline void __syncthreads(const std::source_location site = std::source_location::current()) {
   aecr_emulation::block_barrier(site);
@@ -146,11 +147,18 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const aecr_emulation
   collective(site);
   check_access(pointer, ldm, "load_matrix_sync");
   using F = fragment<Use, M, N, K, T, Layout>;
-  for (int i = 0; i < F::rows; ++i) {
-    for (int j = 0; j < F::cols; ++j) {
-      const int64_t at = std::is_same<Layout, row_major>::value ? int64_t(i) * ldm + j : i + int64_t(j) * ldm;
-      f.x[i * F::cols + j] = static_cast<float>(pointer[at]);
-    }
+  auto at = [&](int e) {
+    const int i = e / F::cols, j = e % F::cols;
+    return std::is_same<Layout, row_major>::value ? int64_t(i) * ldm + j : i + int64_t(j) * ldm;
+  };
+  {
+    const aecr_emulation::UncountedAccesses whole_matrix;  // every lane holds it here; each loads a share below
+    for (int e = 0; e < F::num_elements; ++e) f.x[e] = static_cast<float>(pointer[at(e)]);
+  }
+  const unsigned lane = aecr_emulation::context.tid % 32;
+  for (int e = static_cast<int>(lane); e < F::num_elements; e += 32) {
+    aecr_emulation::count_access(pointer.raw() + at(e), sizeof(P), aecr_emulation::Access::Read,
+                                 pointer.extent().shared != nullptr);
   }
 }
 
@@ -179,6 +187,7 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
               const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c,
               const std::source_location site = std::source_location::current()) {
   collective(site);
+  if (aecr_emulation::context.tid % 32 == 0) aecr_emulation::count_mma(2.0 * M * N * K);
   float out[M * N];
   for (int i = 0; i < M; ++i) {
     for (int j = 0; j < N; ++j) {

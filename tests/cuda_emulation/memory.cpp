@@ -1,6 +1,8 @@
 // Checked device memory of the CUDA emulator (memory.h): bounds, the race record, shared-memory poisoning and
-// initialisation.
+// initialisation, and the workspace check (workspaces.h).
 #include "memory.h"
+
+#include "traffic.h"
 
 #include <algorithm>
 #include <cstring>
@@ -11,7 +13,7 @@
 
 namespace aecr_emulation {
 
-// The last write and a summary of the reads of one byte (shared memory) or one element (global memory).
+// The last write and a summary of the reads of one byte.
 struct Shadow {
   uint64_t write_serial = 0;  // block of the last write (0: none)
   uint32_t write_epoch = 0, write_warp_epoch = 0;
@@ -32,7 +34,7 @@ struct Shadow {
 namespace {
 
 struct Launch {
-  std::unordered_map<uintptr_t, Shadow> global;  // by element address, this launch only
+  std::unordered_map<uintptr_t, Shadow> global;  // by byte address, this launch only
   SharedRegion dynamic;
   std::vector<unsigned char> dynamic_bytes;
   std::vector<Shadow> dynamic_shadow;
@@ -182,6 +184,10 @@ void touch(const void* at, size_t bytes, Access kind, const Extent& e) {
     fail(s.str());
   }
   if (context.kernel == nullptr) return;  // host code (not in a launch)
+  if (counting()) {  // measuring (traffic.h): the checks below are off, the data being partly unwritten
+    count_access(p, bytes, kind, e.shared != nullptr);
+    return;
+  }
   if (e.shared != nullptr) {
     std::vector<Shadow>& shadow = *e.shared->shadow;
     const size_t first = static_cast<size_t>(p - e.shared->data);
@@ -189,9 +195,16 @@ void touch(const void* at, size_t bytes, Access kind, const Extent& e) {
     for (size_t i = 0; i < bytes; ++i) record(shadow[first + i], e, p + i, kind, reported);
     return;
   }
+  if (e.workspace != nullptr &&
+      check_workspace(*e.workspace, p, bytes, kind != Access::Write, kind != Access::Read)) {
+    report("uninitialised global memory: " + where() + " " + verb(kind) + " " + what_memory(e, p) +
+           ", which no kernel has written since it was allocated (it still holds the poison)");
+  }
   if (!e.tracked && kind == Access::Read) return;
+  // Byte by byte, so that accesses of different widths (a float4 and a float, a float and a bf16) meet.
   bool reported = false;
-  record(current_launch.global[reinterpret_cast<uintptr_t>(p)], e, p, kind, reported);
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  for (size_t i = 0; i < bytes; ++i) record(current_launch.global[address + i], e, p + i, kind, reported);
 }
 
 SharedRegion* register_shared(unsigned char* data, size_t bytes) {

@@ -7,8 +7,9 @@
 //    recorded per byte.
 //  - The record finds races: two threads of a block touching the same address between two barriers, one of them
 //    writing (a __syncwarp or shuffle orders only the lanes of its warp; atomics do not race with atomics), and,
-//    in global memory, two blocks of one launch touching the same address, one writing. In shared memory it also
-//    finds reads of bytes the running block has not written.
+//    in global memory, two blocks of one launch touching the same address, one writing. Accesses are compared
+//    byte by byte, so accesses of different widths that overlap meet. In shared memory, and in global memory a
+//    driver allocated inside a PoisonedWorkspaces scope (workspaces.h), it also finds reads of bytes not written.
 // Elements are read and written as copies (Ref<T>), so a kernel sees the same values as with raw pointers.
 #pragma once
 
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "emulator.h"
+#include "workspaces.h"
 
 namespace aecr_emulation {
 
@@ -42,6 +44,7 @@ struct Extent {
   SharedRegion* shared = nullptr;  // null: global memory
   int argument = -1;               // position among the kernel's parameters (global memory)
   bool tracked = true;             // accesses recorded for the race check (see launch_with)
+  Workspace* workspace = nullptr;  // the poisoned allocation it lies in (workspaces.h), if any
 };
 
 // Checks one access of `bytes` bytes at `at` and records it; stops the launch when it leaves the extent.

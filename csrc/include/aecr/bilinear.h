@@ -53,6 +53,7 @@ AECR_HOST_DEVICE AECR_INLINE BilinearPoint<T> bilinear_point(T h, T w, int64_t h
   if (!(h > T(-1) && h < T(height) && w > T(-1) && w < T(width))) {
     return p;
   }
+  AECR_COUNT_FLOPS(T, 10);  // 2 floors, 4 subtractions, 4 corner weights
   const T hf = floor_of(h);
   const T wf = floor_of(w);
   const int64_t h0 = static_cast<int64_t>(hf);
@@ -93,6 +94,7 @@ AECR_HOST_DEVICE AECR_INLINE T corner_value(const BilinearPoint<T>& p, int i, Pl
 // Value of the plane at the point. The plane's elements are the storage type, T the accumulation type.
 template <typename T, typename Plane>
 AECR_HOST_DEVICE AECR_INLINE T bilinear_value(const BilinearPoint<T>& p, Plane plane) {
+  AECR_COUNT_FLOPS(T, 8);  // 4 FMAs
   T v = T(0);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -105,6 +107,7 @@ AECR_HOST_DEVICE AECR_INLINE T bilinear_value(const BilinearPoint<T>& p, Plane p
 template <typename T, typename Plane>
 AECR_HOST_DEVICE AECR_INLINE void bilinear_value_and_grad(
     const BilinearPoint<T>& p, Plane plane, T& value, T& grad_h, T& grad_w) {
+  AECR_COUNT_FLOPS(T, 24);  // 12 FMAs
   value = T(0);
   grad_h = T(0);
   grad_w = T(0);
@@ -122,6 +125,7 @@ AECR_HOST_DEVICE AECR_INLINE void bilinear_value_and_grad(
 // (CPU), an atomic add where many do (CUDA).
 template <typename Add, typename T, typename Plane>
 AECR_HOST_DEVICE AECR_INLINE void bilinear_scatter(const BilinearPoint<T>& p, Plane plane, T g) {
+  AECR_COUNT_FLOPS(T, 4);  // 4 products (the adds are the atomics')
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     if (p.weight[i] != T(0)) {

@@ -8,3 +8,9 @@
 #define AECR_HOST_DEVICE
 #define AECR_INLINE inline
 #endif
+
+// Counts `n` floating-point operations in type T where the CUDA emulator measures kernels
+// (tests/cuda_emulation/traffic.h); nothing in a real build.
+#ifndef AECR_COUNT_FLOPS
+#define AECR_COUNT_FLOPS(T, n) ((void)0)
+#endif

@@ -361,6 +361,61 @@ def targets(result):
     return rows
 
 
+MODEL_PATH = os.path.join(ROOT, "benchmarks", "cuda_model.json")
+# The suite's precision label -> the model's dtype (the model has no fp32-without-TF32 DCN case apart from the
+# simple path's float32, whose GEMMs are FP32: that is the suite's "fp32").
+MODEL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+MODEL_TASKS = {"dcn_forward": ("deform_conv2d", "forward"), "dcn_forward_backward": ("deform_conv2d", "both")}
+
+
+def predictions(result, model_path=MODEL_PATH):
+    """Each modelled case (benchmarks/cuda_model.json) beside the CUDA measurement of the same op, path, pass,
+    dtype and shape, so that the first GPU run calibrates the model: {"case", "predicted_ms", "measured_ms",
+    "measured_over_predicted", "benchmark"}; measured_ms is None where the suite measured nothing matching (as in
+    a dry run). A forward+backward measurement is compared with the sum of the forward and backward cases."""
+    try:
+        with open(model_path) as f:
+            cases = json.load(f)["cases"]
+    except (OSError, ValueError, KeyError) as error:
+        return [{"error": f"no model: {type(error).__name__}: {error}"}]
+    by_key = {(c["op"], c["path"], c["pass"], c["dtype"], c["shape"]): c for c in cases}
+    measured = {}
+    for entry in suite_entries(result):
+        info = entry.get("extra_info") or {}
+        if info.get("device") != "cuda" or info.get("deterministic") or entry.get("median_s") is None:
+            continue
+        op_pass = MODEL_TASKS.get(info.get("task"))
+        impl = str(info.get("impl", ""))
+        if op_pass is None or not (impl.startswith("aecr") or impl == "conv2d"):
+            continue
+        op = "conv2d" if impl == "conv2d" else op_pass[0]
+        path = "cudnn" if impl == "conv2d" else info.get("path")
+        dtype = MODEL_DTYPES.get(info.get("precision"))
+        measured[(op, path, op_pass[1], dtype, info.get("shape"))] = (1e3 * entry["median_s"], entry.get("name"))
+    rows = []
+    for c in cases:
+        key = (c["op"], c["path"], c["pass"], c["dtype"], c["shape"])
+        ms, name = measured.get(key, (None, None))
+        rows.append(_prediction_row(f"{c['op']} {c['path']} {c['pass']} {c['dtype']} {c['shape']}",
+                                    c["predicted_ms"], ms, name))
+    for (op, path, pass_, dtype, shape), (ms, name) in sorted(measured.items(), key=str):
+        forward, backward = by_key.get((op, path, "forward", dtype, shape)), by_key.get((op, path, "backward", dtype, shape))
+        if pass_ == "both" and forward and backward:
+            both = {d: forward["predicted_ms"][d] + backward["predicted_ms"][d] for d in forward["predicted_ms"]}
+            rows.append(_prediction_row(f"{op} {path} forward+backward {dtype} {shape}", both, ms, name))
+    return rows
+
+
+def _prediction_row(case, predicted, measured_ms, benchmark):
+    row = {"case": case, "predicted_ms": {d: round(v, 4) for d, v in predicted.items()},
+           "measured_ms": None if measured_ms is None else round(measured_ms, 4), "benchmark": benchmark}
+    if measured_ms is not None:
+        row["measured_over_predicted"] = {d: round(measured_ms / v, 3) for d, v in predicted.items() if v > 0}
+    else:
+        row["note"] = "not measured"
+    return row
+
+
 def tail_of(text, chars=TAIL_CHARS):
     return text[-chars:]
 
@@ -406,6 +461,7 @@ class Harness:
             "benchmarks": {"dcn": [], "fastdeconv": [], "model": []},
             "suite": None,
             "targets": [],
+            "predictions": [],
         }
         with open(self.log_path, "w") as log:
             log.write(f"gpu_check {'dry run ' if dry_run else ''}started {self.result['date']} in {ROOT}\n")
@@ -418,6 +474,7 @@ class Harness:
         self.result["elapsed_s"] = round(time.time() - self.start, 1)
         try:
             self.result["targets"] = targets(self.result)
+            self.result["predictions"] = predictions(self.result)
             self.result.pop("targets_error", None)
         except Exception as error:  # noqa: BLE001 - unexpected benchmark data must not stop the run
             self.result["targets_error"] = f"{type(error).__name__}: {error}"

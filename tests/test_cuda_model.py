@@ -105,3 +105,44 @@ def test_a_sampled_count_scales_to_the_full_count(counter, emulated):
                     "fp32_flops"):
             assert s[key] * scale == pytest.approx(f[key], rel=0.15), (f["kernel"], key)
         assert s["dram_sectors"][0] * scale == pytest.approx(f["dram_sectors"][0], rel=0.15)
+
+
+# ---- the committed model (benchmarks/cuda_model.json) --------------------------------------------------------
+
+def committed_model():
+    import json
+    import os
+    with open(os.path.join(emulation.ROOT, "benchmarks", "cuda_model.json")) as f:
+        return json.load(f)
+
+
+def test_the_committed_model_has_the_issues_shape():
+    model = committed_model()
+    assert set(model["devices"]) == {"H100 SXM", "H200"}
+    for device in model["devices"].values():
+        assert device["dram_tbps"] > 0 and device["bf16_tensor_tflops"] > 0 and device["l2_bytes"] > 0
+    cases = model["cases"]
+    keys = {(c["op"], c["path"], c["pass"], c["dtype"]) for c in cases}
+    for op, path in (("deform_conv2d", "simple"), ("deform_conv2d", "implicit"), ("conv2d", "cudnn")):
+        for pass_ in ("forward", "backward"):
+            for dtype in ("float32", "float16", "bfloat16"):
+                assert (op, path, pass_, dtype) in keys
+    for c in cases:
+        assert c["shape"] == "16x256x64x64"
+        assert c["launches"] >= 1
+        assert 0 < c["compulsory_bytes"] <= c["dram_bytes"] * 1.0001  # every distinct sector reaches DRAM once
+        assert set(c["predicted_ms"]) == {"H100 SXM", "H200"}
+        # The H200 has the H100's compute and more bandwidth: never slower.
+        assert c["predicted_ms"]["H200"] <= c["predicted_ms"]["H100 SXM"] * 1.0001
+
+
+def test_the_committed_validation_holds():
+    rows = committed_model()["validation"]
+    assert {r["kernel"] for r in rows} >= {"coalesced fp32 copy", "stride-32 fp32 copy",
+                                           "naive shared-memory transpose", "padded shared-memory transpose"}
+    for r in rows:
+        if r["quantity"] == "TFLOPS":  # the GEMM model against a published cuBLAS figure: within 20 %
+            assert r["value"] == pytest.approx(r["expected"], rel=0.20), r
+        else:
+            assert r["value"] == r["expected"], r
+    assert any(r["quantity"] == "TFLOPS" and "H100" in r["kernel"] for r in rows)

@@ -599,3 +599,39 @@ def test_real_mode_with_stand_in_tools_records_every_outcome(tmp_path, monkeypat
     printed = capsys.readouterr().out
     assert "==== gpu_check summary ====" in printed and "sanitizer_synccheck" in printed
     assert len(printed[printed.index("==== gpu_check summary"):]) < 8000   # fits the device tool's 12,000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model's predictions beside the measurements
+
+def test_predictions_put_each_modelled_case_beside_its_cuda_measurement(tmp_path):
+    model = {"cases": [
+        {"op": "deform_conv2d", "path": "simple", "pass": "forward", "dtype": "bfloat16", "shape": "16x256x64x64",
+         "predicted_ms": {"H100 SXM": 2.0, "H200": 1.5}},
+        {"op": "deform_conv2d", "path": "simple", "pass": "backward", "dtype": "bfloat16", "shape": "16x256x64x64",
+         "predicted_ms": {"H100 SXM": 4.0, "H200": 3.0}},
+        {"op": "conv2d", "path": "cudnn", "pass": "forward", "dtype": "float32", "shape": "16x256x64x64",
+         "predicted_ms": {"H100 SXM": 0.5, "H200": 0.5}}]}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+
+    def entry(task, impl, median_s, precision="bf16", device="cuda"):
+        return {"name": f"{task}-{impl}", "median_s": median_s,
+                "extra_info": {"task": task, "impl": impl, "path": "simple", "precision": precision,
+                               "shape": "16x256x64x64", "device": device, "deterministic": False}}
+
+    result = {"benchmarks": {"dcn": [entry("dcn_forward", "aecr", 3e-3), entry("dcn_forward_backward", "aecr", 9e-3),
+                                     entry("dcn_forward", "aecr", 1.0, device="cpu"),
+                                     entry("dcn_forward", "conv2d", 1e-3, precision="fp32")]}}
+    rows = {r["case"]: r for r in gpu_check.predictions(result, str(path))}
+    forward = rows["deform_conv2d simple forward bfloat16 16x256x64x64"]
+    assert forward["measured_ms"] == 3.0 and forward["measured_over_predicted"] == {"H100 SXM": 1.5, "H200": 2.0}
+    assert rows["deform_conv2d simple backward bfloat16 16x256x64x64"]["measured_ms"] is None  # no such benchmark
+    both = rows["deform_conv2d simple forward+backward bfloat16 16x256x64x64"]
+    assert both["predicted_ms"] == {"H100 SXM": 6.0, "H200": 4.5} and both["measured_ms"] == 9.0
+    assert rows["conv2d cudnn forward float32 16x256x64x64"]["measured_ms"] == 1.0
+
+
+def test_predictions_without_a_model_say_so(tmp_path):
+    rows = gpu_check.predictions({"benchmarks": {}}, str(tmp_path / "missing.json"))
+    assert len(rows) == 1 and "no model" in rows[0]["error"]

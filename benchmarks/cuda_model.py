@@ -15,7 +15,6 @@ modelled: L2 bandwidth, atomic throughput, latency and occupancy limits, the FP3
 bilinear math. The figures are a *model*: no GPU has run these kernels.
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -23,6 +22,8 @@ import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import cuda_resources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JSON_PATH = os.path.join(ROOT, "benchmarks", "cuda_model.json")
@@ -55,26 +56,13 @@ PUBLISHED_GEMMS = [
 CASE_SHAPE = (16, 256, 256, 64, 64)  # AECR-Net's DCN: batch, in, out channels, height, width; 3 x 3, pad 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLE_BLOCKS = 16
+COLUMN_BUDGET = 1 << 28  # elements a chunk of columns: the CUDA op's default (kColumnBudget)
 MODEL_SOURCES = ["csrc", os.path.join("tests", "cuda_emulation"), os.path.join("benchmarks", "cuda_model.py")]
 
 
 def sources_sha256(root=ROOT):
-    """sha256 over the kernels, the emulator and this script: path, NUL, byte count, NUL, content, sorted by path."""
-    paths = []
-    for entry in MODEL_SOURCES:
-        full = os.path.join(root, entry)
-        if os.path.isfile(full):
-            paths.append(entry.replace(os.sep, "/"))
-            continue
-        for folder, dirs, files in os.walk(full):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
-            paths += [os.path.relpath(os.path.join(folder, f), root).replace(os.sep, "/") for f in files]
-    digest = hashlib.sha256()
-    for rel in sorted(paths):
-        with open(os.path.join(root, rel), "rb") as f:
-            content = f.read()
-        digest.update(rel.encode() + b"\0" + str(len(content)).encode() + b"\0" + content)
-    return digest.hexdigest()
+    """The digest of the kernels, the emulator and this script (cuda_resources.py's, over MODEL_SOURCES)."""
+    return cuda_resources.sources_sha256(root, MODEL_SOURCES)
 
 
 def tensor_peak(device, dtype_name, tf32=True):
@@ -174,9 +162,9 @@ def dcn_case(emulated, path, pass_, dtype_name):
     x, weight, offset, mask, bias, grad = dcn_problem(DTYPES[dtype_name])
     geometry = [[1, 1], [1, 1], [1, 1], 1, 1]
     if pass_ == "forward":
-        run = lambda: emulated.dcn_forward(x, weight, offset, mask, bias, *geometry, path, 1 << 26)  # noqa: E731
+        run = lambda: emulated.dcn_forward(x, weight, offset, mask, bias, *geometry, path, COLUMN_BUDGET)  # noqa: E731
     else:
-        run = lambda: emulated.dcn_backward(grad, x, weight, offset, mask, *geometry, path, False, 1 << 26,  # noqa
+        run = lambda: emulated.dcn_backward(grad, x, weight, offset, mask, *geometry, path, False, COLUMN_BUDGET,  # noqa
                                             [True] * 5)
     started = time.time()
     launches, gemms = count(emulated, run)

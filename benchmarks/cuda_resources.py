@@ -112,14 +112,19 @@ def default_archs(setup_path=None):
 
 # ---- the sources ----------------------------------------------------------------------------------------------
 
-def sources_sha256(root=ROOT):
-    """sha256 over every file under csrc/, in sorted order of path: path, NUL, byte count, NUL, content."""
+def sources_sha256(root=ROOT, entries=("csrc",)):
+    """sha256 over every file of `entries` (folders or files under root), in sorted order of path: path, NUL, byte
+    count, NUL, content."""
     digest = hashlib.sha256()
-    base = os.path.join(root, "csrc")
     paths = []
-    for folder, dirs, files in os.walk(base):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        paths += [os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/") for name in files]
+    for entry in entries:
+        full = os.path.join(root, entry)
+        if os.path.isfile(full):
+            paths.append(entry.replace(os.sep, "/"))
+            continue
+        for folder, dirs, files in os.walk(full):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            paths += [os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/") for name in files]
     for rel in sorted(paths):
         with open(os.path.join(root, rel), "rb") as f:
             content = f.read()

@@ -354,9 +354,7 @@ void check_shape(const KernelInfo& kernel, const LaunchShape& shape) {
           std::to_string(res.max_threads) + ")");
   }
   if (res.registers > 0) {
-    // Registers are allocated per warp in units of 256.
-    const uint64_t per_warp = (uint64_t(res.registers) * 32 + 255) / 256 * 256;
-    const uint64_t total = per_warp * ((threads + 31) / 32);
+    const uint64_t total = uint64_t(warp_registers(res.registers)) * ((threads + 31) / 32);
     if (total > 65536) {
       error(std::to_string(threads) + " threads x " + std::to_string(res.registers) + " registers = " +
             std::to_string(total) + " registers per block (at most 65536)");

@@ -49,6 +49,9 @@ struct KernelInfo {
 
 KernelInfo& kernel_info(const void* kernel);
 
+// Registers a warp of a kernel using `registers` a thread takes: allocated per warp in units of 256.
+inline int64_t warp_registers(int registers) { return (int64_t(registers) * 32 + 255) / 256 * 256; }
+
 // Resources by kernel name. While `strict`, launching a kernel the table does not know is an error (so a new
 // kernel cannot run untried by the register check).
 void set_resources(std::map<std::string, KernelResources> table, bool strict);

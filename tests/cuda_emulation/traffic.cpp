@@ -170,8 +170,7 @@ int64_t blocks_per_sm(const TrafficOptions& o, int64_t threads, int registers, i
   const int64_t warps = (threads + 31) / 32;
   int64_t n = std::min(o.blocks_per_sm, o.threads_per_sm / (warps * 32));
   if (registers > 0) {
-    const int64_t per_warp = (int64_t(registers) * 32 + 255) / 256 * 256;
-    n = std::min(n, o.registers_per_sm / (per_warp * warps));
+    n = std::min(n, o.registers_per_sm / (warp_registers(registers) * warps));
   }
   n = std::min(n, o.shared_per_sm / (shared_bytes + 1024));  // 1 KB a block is reserved by the system
   return std::max<int64_t>(n, 1);

@@ -180,6 +180,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor input_sum = low_input ? at::zeros({plan.images, s.channels, s.height, s.width},
                                                input.options().dtype(input_acc))
                                    : at::Tensor();
+  // fp16 / bf16: each image's weight-gradient product in fp32, added into the fp32 sum (rounded once, at the end).
+  at::Tensor product = needed.weight && acc_type != weight.scalar_type()
+                           ? at::empty({og_out, ck}, weight.options().dtype(acc_type))
+                           : at::Tensor();
   for_each_chunk(s, batch, plan, [&](int64_t b0, const ColumnChunk& c) {
     at::Tensor columns = buffer.narrow(0, 0, rows * c.width()).view({rows, c.width()});
     // Image i of the chunk: its grad_output [C_out, pixels] (a view, no transposed copy) and its columns.
@@ -220,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         if (acc_type == weight.scalar_type()) {
           gw[g].addmm_(a, b);
         } else {
-          gw[g].add_(at::mm(a, b));
+          gw[g].add_(at::mm_out(product, a, b, acc_type));  // cuBLAS: fp32 output, no rounding
         }
       }
     }

@@ -135,3 +135,54 @@ def test_forward_with_bias_is_rounded_once(emulated, dtype):
         out = emulated.dcn_forward(x, weight, offset, None, bias, *geometry, "simple", budget)
         wrong = (out != rounded).sum().item()
         assert wrong == 0, f"{wrong} of {out.numel()} outputs are not the exact result rounded once (budget {budget})"
+
+
+def exact_weight_problem(dtype, seed=4):
+    """Features in 64ths, integer offsets (bilinear weights 0 or 1), a mask of halves and an integer grad_output:
+    every column is exact in the dtype and every product and partial sum of the weight gradient exact in float32."""
+    g = torch.Generator().manual_seed(seed)
+    b, c, (h, w), og = CASE.batch, CASE.in_channels, CASE.size, CASE.offset_groups
+    x = torch.randint(-127, 128, (b, c, h, w), generator=g).double() / 64
+    weight = torch.randint(-3, 4, (CASE.out_channels, c, 3, 3), generator=g).double()
+    offset = torch.randint(-2, 3, (b, 2 * og * 9, h, w), generator=g).double()
+    mask = torch.randint(0, 3, (b, og * 9, h, w), generator=g).double() / 2
+    grad = torch.randint(-7, 8, (b, CASE.out_channels, h, w), generator=g).double()
+    return [t.to(dtype) for t in (x, offset, weight, mask, grad)]
+
+
+def per_image_rounded(x, offset, weight, mask, grad, dtype):
+    """The weight gradient summed image by image with each image's product rounded to `dtype` (what a GEMM whose
+    output is in the dtype, added into a float32 sum, gives): the defect the test must tell apart."""
+    total = torch.zeros(weight.shape, dtype=torch.float64)
+    for i in range(x.shape[0]):
+        wd = weight.double().requires_grad_(True)
+        out = reference.deform_conv2d(x[i:i + 1].double(), offset[i:i + 1].double(), wd, None,
+                                      mask=mask[i:i + 1].double(), **CASE.kwargs())
+        (gw,) = torch.autograd.grad((out * grad[i:i + 1].double()).sum(), [wd])
+        total += gw.to(dtype).double()
+    return total.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["simple", "implicit"])
+def test_chunked_weight_gradient_is_summed_in_float32_and_rounded_once(emulated, dtype, path):
+    # Review R6: the simple path's fp16 / bf16 weight-gradient GEMM of each image rounded its product to the dtype
+    # before the float32 sum across images and chunks. Every term here is exact, so a float32 sum rounded once is
+    # exactly the float64 gradient rounded once.
+    x, offset, weight, mask, grad = exact_weight_problem(dtype)
+    geometry = [list(CASE.stride), list(CASE.padding), list(CASE.dilation), 1, CASE.offset_groups]
+    wd = weight.double().requires_grad_(True)
+    out = reference.deform_conv2d(x.double(), offset.double(), wd, None, mask=mask.double(), **CASE.kwargs())
+    (expected,) = torch.autograd.grad((out * grad.double()).sum(), [wd])
+    rounded = expected.to(dtype)
+    assert not torch.equal(per_image_rounded(x, offset, weight, mask, grad, dtype), rounded), \
+        "the problem must tell one rounding from one per image"
+    only_weight = (False, True, False, False, False)
+    for pieces in (1, 4):  # one chunk of every image; pixel chunks of one image
+        for needed in (only_weight, ALL_GRADS):
+            gw = emulated.dcn_backward(grad, x, weight, offset, mask, *geometry, path, False, chunk_budget(pieces),
+                                       needed)[1]
+            assert gw.dtype == dtype
+            wrong = (gw != rounded).sum().item()
+            assert wrong == 0, (f"{wrong} of {gw.numel()} weight-gradient elements differ from the exact sum rounded "
+                                f"once ({pieces} chunks, needed {needed})")

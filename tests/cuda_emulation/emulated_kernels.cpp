@@ -147,7 +147,36 @@ pybind11::list counted_launches() {
   return out;
 }
 
+// cuBLAS's GEMM of fp16 / bf16 operands with an fp32 output (aten::mm.dtype_out, CUDA only in ATen), for the
+// drivers' CPU tensors: fp32 products summed in fp32 and never rounded to the operands' dtype. Plain loops, so
+// that it allocates nothing the real GEMM does not (the emulated allocation tests count every allocation); the
+// emulated problems are small, and the time model skips the GEMMs (benchmarks/cuda_model.py GemmLog).
+at::Tensor& mm_float_out(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype, at::Tensor& out) {
+  TORCH_CHECK(out_dtype == at::kFloat && out.scalar_type() == at::kFloat, "mm.dtype_out stand-in: fp32 output only");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
+                  out.size(0) == a.size(0) && out.size(1) == b.size(1),
+              "mm.dtype_out stand-in: mismatched operands");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "mm_float_out", [&] {
+    const scalar_t* pa = a.const_data_ptr<scalar_t>();
+    const scalar_t* pb = b.const_data_ptr<scalar_t>();
+    float* po = out.data_ptr<float>();
+    for (int64_t i = 0; i < a.size(0); ++i) {
+      for (int64_t j = 0; j < b.size(1); ++j) {
+        float sum = 0.f;
+        for (int64_t k = 0; k < a.size(1); ++k) {
+          sum += static_cast<float>(pa[i * a.stride(0) + k * a.stride(1)]) *
+                 static_cast<float>(pb[k * b.stride(0) + j * b.stride(1)]);
+        }
+        po[i * out.stride(0) + j * out.stride(1)] = sum;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(aten, CPU, m) { m.impl("mm.dtype_out", &mm_float_out); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dcn_forward", poisoned(&dcn_forward));
